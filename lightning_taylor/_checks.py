@@ -1,0 +1,32 @@
+"""Argument checks with one error template: "Expected `name` to be <what>, but got <value>." plus a hint."""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+
+def expected(name: str, what: str, got: Any, hint: str = "") -> ValueError:
+    """Build the project's standard ValueError for a bad argument."""
+    message = f"Expected `{name}` to be {what}, but got {got!r}."
+    return ValueError(f"{message} {hint}".rstrip())
+
+
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise expected(name, f"one of {choices}", value)
+
+
+def check_non_negative(name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+        raise expected(name, "a float >= 0", value)
+
+
+def check_positive_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise expected(name, "an int >= 1", value)
+
+
+def check_non_negative_int(name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise expected(name, "an int >= 0", value)

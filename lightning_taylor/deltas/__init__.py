@@ -1,0 +1,21 @@
+"""Per-task weight deltas (LoRA, full, IA3) on a model's linear layers: bank, compose, merge, save, export."""
+
+from lightning_taylor.deltas.io import export_merged, load_deltas, load_merged, merged_state_dict, save_deltas
+from lightning_taylor.deltas.styles import DeltaStyle, FullDelta, IA3Delta, LinearDelta, LoRADelta
+from lightning_taylor.deltas.task_deltas import DEFAULT_TARGETS, TaskDeltas, find_targets
+
+__all__ = [
+    "DEFAULT_TARGETS",
+    "DeltaStyle",
+    "FullDelta",
+    "IA3Delta",
+    "LinearDelta",
+    "LoRADelta",
+    "TaskDeltas",
+    "export_merged",
+    "find_targets",
+    "load_deltas",
+    "load_merged",
+    "merged_state_dict",
+    "save_deltas",
+]

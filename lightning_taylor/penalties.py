@@ -1,0 +1,141 @@
+"""The ITA, IEL and head regularisers (METHOD.md §4) and their gradients, without autograd graphs.
+
+Notation for one target layer: ``τ`` the current task's dense delta, ``P = Σ_{s<t} τ_s`` the sum of the
+past deltas, ``F`` the accumulated diagonal Fisher mean (prior included), all of the weight's shape; every
+sum runs over all elements. ``T = t + 1`` for task index ``t ≥ 1`` and ``T = 2`` at ``t = 0`` (the
+pre-trained model is a phantom second member of the composition, as in the reference).
+
+Penalties are applied per layer through the delta's chain rule (``∂R/∂A = Bᵀ G``, ``∂R/∂B = G Aᵀ`` for
+LoRA, see :mod:`lightning_taylor.deltas.styles`), so a penalty step never builds a graph through the
+network.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lightning_taylor._checks import check_choice, check_non_negative, check_non_negative_int
+from lightning_taylor.deltas import TaskDeltas
+
+Algorithm = Literal["ita", "iel"]
+
+
+def iel_members(task_index: int) -> int:
+    """``T``: the number of members of the uniform composition at ``task_index`` (2 at task 0)."""
+    check_non_negative_int("task_index", task_index)
+    return max(task_index + 1, 2)
+
+
+def ita_penalty(delta: Tensor, fisher_mean: Tensor, alpha: float) -> Tensor:
+    """``R = (α/2) Σ F ⊙ τ²`` (sum over elements)."""
+    return 0.5 * alpha * (fisher_mean * delta.square()).sum()
+
+
+def ita_penalty_grad(delta: Tensor, fisher_mean: Tensor, alpha: float) -> Tensor:
+    """``∂R/∂τ = α F ⊙ τ``."""
+    return alpha * fisher_mean * delta
+
+
+def iel_penalty(delta: Tensor, past_deltas_sum: Tensor, fisher_mean: Tensor, beta: float, task_index: int) -> Tensor:
+    """``R = β [½ (1 − 1/T) Σ F ⊙ τ² − (1/T) Σ F ⊙ τ ⊙ P]`` (sum over elements).
+
+    Up to terms constant in τ this is ``β · T ·`` the Jensen gap of the uniform composition of the ``T``
+    members (see :func:`jensen_gap`).
+    """
+    inv_t = 1.0 / iel_members(task_index)
+    quadratic = 0.5 * (1.0 - inv_t) * (fisher_mean * delta.square()).sum()
+    cross = inv_t * (fisher_mean * delta * past_deltas_sum).sum()
+    return beta * (quadratic - cross)
+
+
+def iel_penalty_grad(delta: Tensor, past_deltas_sum: Tensor, fisher_mean: Tensor, beta: float, task_index: int) -> Tensor:
+    """``∂R/∂τ = β F ⊙ [(1 − 1/T) τ − (1/T) P]``."""
+    inv_t = 1.0 / iel_members(task_index)
+    return beta * fisher_mean * ((1.0 - inv_t) * delta - inv_t * past_deltas_sum)
+
+
+def jensen_gap(deltas: Sequence[Tensor], weights: Sequence[float], fisher_mean: Tensor) -> Tensor:
+    """``½ Σ_t w_t (τ_t − τ̄)ᵀ F (τ_t − τ̄)`` with ``τ̄ = Σ_t w_t τ_t`` and diagonal ``F`` (``Σ w_t = 1``).
+
+    For the local quadratic model of the loss at θ0 this is the mean of the members' losses minus the loss of
+    their composition.
+    """
+    mean = sum(w * d for w, d in zip(weights, deltas))
+    return 0.5 * sum(w * (fisher_mean * (d - mean).square()).sum() for w, d in zip(weights, deltas))
+
+
+def head_penalty(
+    weight: Tensor,
+    bias: Tensor | None,
+    target_weight: Tensor,
+    target_bias: Tensor | None,
+    fisher_weight: Tensor,
+    fisher_bias: Tensor | None,
+    lambda_fisher: float,
+    lambda_l2: float,
+) -> Tensor:
+    """``λ_F Σ F ⊙ (h − h̃)² + λ_2 ‖h − h̃‖²`` over weight and bias (no ½), differentiable in ``h``."""
+    pairs = [(weight, target_weight, fisher_weight)]
+    if bias is not None:
+        pairs.append((bias, target_bias, fisher_bias))
+    total = weight.new_zeros(())
+    for value, target, fisher in pairs:
+        diff = (value - target).square()
+        total = total + lambda_fisher * (fisher * diff).sum() + lambda_l2 * diff.sum()
+    return total
+
+
+def delta_penalty(
+    deltas: TaskDeltas,
+    curvature: Mapping[str, Tensor],
+    algorithm: Algorithm,
+    strength: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """The ITA (``strength = α``) or IEL (``β``) penalty of the current slot, summed over target layers.
+
+    Args:
+        deltas: the task deltas; the task index is ``deltas.current_task``.
+        curvature: ``F̄`` per target, keyed ``"<layer>.weight"`` (``F̄_<t`` for ITA, ``F̄_≤t`` for IEL).
+
+    Returns:
+        The penalty value (a detached scalar) and its gradient w.r.t. each slot tensor, keyed like
+        ``deltas.named_parameters()``.
+    """
+    check_choice("algorithm", algorithm, ("ita", "iel"))
+    check_non_negative("strength", float(strength))
+    task = deltas.current_task
+    values: list[Tensor] = []
+    grads: dict[str, Tensor] = {}
+    with torch.no_grad():
+        for name, layer, linear in deltas.layers():
+            fisher = curvature[f"{name}.weight"]
+            tau = layer.slot_delta(linear.weight)
+            if algorithm == "ita":
+                values.append(ita_penalty(tau, fisher, strength))
+                dense_grad = ita_penalty_grad(tau, fisher, strength)
+            else:
+                past = deltas.past_sum(name)
+                values.append(iel_penalty(tau, past, fisher, strength, task))
+                dense_grad = iel_penalty_grad(tau, past, fisher, strength, task)
+            for key, grad in layer.slot_grads(dense_grad, linear.weight).items():
+                grads[f"{name}.{key}"] = grad
+    return torch.stack(values).sum(), grads
+
+
+@torch.no_grad()
+def decoupled_step(
+    parameters: Mapping[str, nn.Parameter], grads: Mapping[str, Tensor], lr_factor: float, max_norm: float = 100.0
+) -> None:
+    """``θ ← θ − s · clip(∂R/∂θ)``: the reference's decoupled penalty step, like decoupled weight decay.
+
+    ``s`` is the learning-rate schedule's current factor (1.0 at a task's start), not the learning rate;
+    each tensor's gradient is clipped to L2 norm ``max_norm`` on its own.
+    """
+    for key, grad in grads.items():
+        norm = grad.norm()
+        if norm > max_norm:
+            grad = grad * (max_norm / norm)
+        parameters[key].sub_(lr_factor * grad)
