@@ -1,0 +1,159 @@
+import io
+
+import pytest
+import torch
+from conftest import make_vit
+from helpers import relative_error
+
+from lightning_taylor.fisher import FisherAccumulator, FisherSums, diagonal_fisher
+
+TARGETS = [f"blocks.{b}.{layer}.{attr}" for b in range(2) for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
+           for attr in ("weight", "bias")] + ["head.weight", "head.bias"]
+
+
+def brute_force_fisher(model, images, names, labels=None):
+    """Σ_x Σ_c p_c(x) (∂ log p_c(x)/∂θ)², one example and one class at a time with autograd."""
+    params = dict(model.named_parameters())
+    sums = {n: torch.zeros_like(params[n]) for n in names}
+    for i in range(images.shape[0]):
+        with torch.enable_grad():
+            for n in names:
+                params[n].requires_grad_(True)
+            log_probs = model(images[i : i + 1]).log_softmax(dim=-1)[0]
+            classes = range(log_probs.shape[0]) if labels is None else [int(labels[i])]
+            for c in classes:
+                grads = torch.autograd.grad(log_probs[c], [params[n] for n in names], retain_graph=True)
+                weight = log_probs[c].exp().detach() if labels is None else 1.0
+                for n, g in zip(names, grads):
+                    sums[n] += weight * g.square()
+            for n in names:
+                params[n].requires_grad_(False)
+    return sums
+
+
+def test_exact_matches_brute_force_float64(vit, images):
+    fisher = diagonal_fisher(vit, [images[:4], images[4:]], TARGETS)
+    reference = brute_force_fisher(vit, images, TARGETS)
+    assert fisher.count == 6 and fisher.estimator == "exact"
+    for name in TARGETS:
+        assert reference[name].abs().max() > 0
+        assert relative_error(fisher.sums[name], reference[name]) <= 1e-6, name
+        assert fisher.sums[name].dtype == torch.float64
+
+
+def test_head_fisher_has_the_closed_form(vit, images):
+    """For the head, Σ_c p_c (e_c − p)_o² = p_o (1 − p_o): F_W[o, i] = Σ_x p_o (1 − p_o) h_i²."""
+    features = vit.forward_head(vit.forward_features(images), pre_logits=True)
+    probs = vit(images).softmax(-1)
+    expected_weight = (probs * (1 - probs)).T @ features.square()
+    fisher = diagonal_fisher(vit, [images], ["head.weight", "head.bias"])
+    torch.testing.assert_close(fisher.sums["head.weight"], expected_weight, rtol=1e-10, atol=1e-14)
+    torch.testing.assert_close(fisher.sums["head.bias"], (probs * (1 - probs)).sum(0), rtol=1e-10, atol=1e-14)
+
+
+def test_batch_split_sums_equal_the_unsplit_sum(vit, images):
+    whole = diagonal_fisher(vit, [images], TARGETS)
+    split = diagonal_fisher(vit, [images[:1], images[1:4], images[4:]], TARGETS)
+    assert whole.count == split.count == 6
+    for name in TARGETS:
+        torch.testing.assert_close(split.sums[name], whole.sums[name], rtol=1e-12, atol=1e-15)
+
+
+def test_empirical_uses_the_true_labels(vit, images):
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    fisher = diagonal_fisher(vit, [(images, labels)], TARGETS[:4], estimator="empirical")
+    reference = brute_force_fisher(vit, images, TARGETS[:4], labels=labels)
+    for name in TARGETS[:4]:
+        assert relative_error(fisher.sums[name], reference[name]) <= 1e-6
+
+
+def test_topk_with_all_classes_is_exact_and_fewer_classes_is_less(vit, images):
+    exact = diagonal_fisher(vit, [images], TARGETS[:2])
+    full = diagonal_fisher(vit, [images], TARGETS[:2], estimator="topk", top_k=5)
+    truncated = diagonal_fisher(vit, [images], TARGETS[:2], estimator="topk", top_k=2)
+    torch.testing.assert_close(full.sums[TARGETS[0]], exact.sums[TARGETS[0]], rtol=1e-12, atol=0)
+    assert (truncated.sums[TARGETS[0]] <= exact.sums[TARGETS[0]] + 1e-18).all()
+    assert truncated.sums[TARGETS[0]].sum() < exact.sums[TARGETS[0]].sum()
+    assert truncated.settings == {"top_k": 2}
+
+
+def test_mc_is_unbiased_in_the_limit():
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 5)).double()
+    inputs = torch.randn(6, 8, dtype=torch.float64)
+    names = ["0.weight", "2.weight"]
+    exact = diagonal_fisher(mlp, [inputs], names)
+    mc = diagonal_fisher(mlp, [inputs], names, estimator="mc", samples=3000, generator=torch.Generator().manual_seed(0))
+    assert mc.settings == {"samples": 3000}
+    for name in names:
+        assert relative_error(mc.sums[name], exact.sums[name]) < 0.05
+
+
+def test_model_mode_is_restored_and_parameters_untouched(vit, images):
+    vit.train()
+    diagonal_fisher(vit, [images], ["head.weight"])
+    assert vit.training
+    assert all(not p.requires_grad and p.grad is None for p in vit.parameters())
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(param_names=["blocks.0.norm1.weight"]), "`param_names`.*nn.Linear.*'blocks.0.norm1.weight'"),
+        (dict(param_names=["blocks.9.attn.qkv.weight"]), "`param_names`.*'blocks.9.attn.qkv.weight'"),
+        (dict(param_names=["head.weight"], estimator="kfac"), "`estimator`.*'kfac'"),
+        (dict(param_names=["head.weight"], samples=0), "`samples`.*0"),
+    ],
+)
+def test_bad_arguments_are_named(vit, images, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        diagonal_fisher(vit, [images], **kwargs)
+
+
+def test_empirical_without_labels_is_an_error(vit, images):
+    with pytest.raises(ValueError, match="`batches`.*pairs"):
+        diagonal_fisher(vit, [images], ["head.weight"], estimator="empirical")
+
+
+def _fisher(value: float, count: int) -> FisherSums:
+    return FisherSums({"w": torch.full((2, 3), value, dtype=torch.float64)}, count)
+
+
+def test_accumulator_ita_uses_past_tasks_and_iel_includes_the_current():
+    acc = FisherAccumulator(prior=1e-5)
+    acc.set_task(0, _fisher(6.0, 3))
+    torch.testing.assert_close(acc.curvature(include_current=False)["w"], torch.full((2, 3), 1e-5, dtype=torch.float64))
+    torch.testing.assert_close(acc.curvature(include_current=True)["w"], torch.full((2, 3), 1e-5 + 2.0, dtype=torch.float64))
+    acc.set_task(1, _fisher(10.0, 2))
+    # ITA at task 1: mean Fisher of task 0 plus the prior; IEL: true counts over tasks 0 and 1.
+    torch.testing.assert_close(acc.curvature(False)["w"], torch.full((2, 3), 1e-5 + 2.0, dtype=torch.float64))
+    torch.testing.assert_close(acc.curvature(True)["w"], torch.full((2, 3), 1e-5 + 16.0 / 5, dtype=torch.float64))
+    acc.set_task(2, _fisher(0.0, 5))
+    torch.testing.assert_close(acc.curvature(False)["w"], torch.full((2, 3), 1e-5 + 16.0 / 5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="`task`"):
+        acc.set_task(2, _fisher(1.0, 1))
+
+
+def test_accumulator_state_survives_weights_only_checkpoint():
+    acc = FisherAccumulator()
+    acc.set_task(0, _fisher(6.0, 3))
+    acc.set_task(1, _fisher(10.0, 2))
+    buffer = io.BytesIO()
+    torch.save(acc.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = FisherAccumulator()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert fresh.current_task == 1 and fresh.past_count == 3 and fresh.current_count == 2
+    torch.testing.assert_close(fresh.curvature(True)["w"], acc.curvature(True)["w"])
+
+
+def test_fisher_mean_divides_after_summing():
+    fisher = _fisher(6.0, 3)
+    torch.testing.assert_close(fisher.mean(prior=1.0)["w"], torch.full((2, 3), 3.0, dtype=torch.float64))
+    assert torch.equal(FisherSums({"w": torch.zeros(2)}, 0).mean(prior=0.5)["w"], torch.full((2,), 0.5))
+
+
+def test_float32_model_gives_float32_sums(images):
+    model = make_vit(dtype=torch.float32)
+    fisher = diagonal_fisher(model, [images.float()], ["blocks.0.mlp.fc1.weight"])
+    assert fisher.sums["blocks.0.mlp.fc1.weight"].dtype == torch.float32
