@@ -1,0 +1,37 @@
+"""Class-incremental task streams: class order and remapping, data sets, transforms, the DataModule.
+
+``TaskStreamDataModule`` is what a Trainer (or the CLI's ``data:`` section) uses; the rest is exposed for
+callbacks and custom streams.
+"""
+
+from lightning_taylor.data.datasets import (
+    CIFAR100_CLASSES,
+    DATASETS,
+    DatasetInfo,
+    RawSplits,
+    dataset_info,
+    load_cifar100_splits,
+    load_digits_splits,
+    load_imagefolder_splits,
+)
+from lightning_taylor.data.split import ClassIncrementalSplit, class_order
+from lightning_taylor.data.stream import TaskStreamDataModule
+from lightning_taylor.data.transforms import digits_transforms, image_transforms
+from lightning_taylor.data.views import TransformedSubset
+
+__all__ = [
+    "CIFAR100_CLASSES",
+    "ClassIncrementalSplit",
+    "DATASETS",
+    "DatasetInfo",
+    "RawSplits",
+    "TaskStreamDataModule",
+    "TransformedSubset",
+    "class_order",
+    "dataset_info",
+    "digits_transforms",
+    "image_transforms",
+    "load_cifar100_splits",
+    "load_digits_splits",
+    "load_imagefolder_splits",
+]

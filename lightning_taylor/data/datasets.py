@@ -1,0 +1,190 @@
+"""Raw data sets behind the task streams: scikit-learn digits (embedded), CIFAR-100, an image folder.
+
+A loader returns :class:`RawSplits`: the untransformed train and test sets (items ``(x, original_label)``)
+and their original labels as tensors, so that splitting into tasks never decodes an image. What the
+stream needs to know *before* loading (class names, channels, default image size and task count) is in
+:class:`DatasetInfo`, which costs nothing for digits and CIFAR-100 and one directory listing for an image
+folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import Dataset, Subset, TensorDataset
+from torchvision.datasets import CIFAR100, ImageFolder
+from torchvision.datasets.folder import find_classes
+
+from lightning_taylor._checks import expected
+
+DatasetName = Literal["digits", "cifar100", "imagefolder"]
+DATASETS: tuple[str, ...] = ("digits", "cifar100", "imagefolder")
+
+#: CIFAR-100 fine labels in label order (``meta["fine_label_names"]``), known here so that the stream can
+#: name its classes before the data is downloaded.
+CIFAR100_CLASSES: tuple[str, ...] = (
+    "apple", "aquarium_fish", "baby", "bear", "beaver", "bed", "bee", "beetle", "bicycle", "bottle",
+    "bowl", "boy", "bridge", "bus", "butterfly", "camel", "can", "castle", "caterpillar", "cattle",
+    "chair", "chimpanzee", "clock", "cloud", "cockroach", "couch", "crab", "crocodile", "cup", "dinosaur",
+    "dolphin", "elephant", "flatfish", "forest", "fox", "girl", "hamster", "house", "kangaroo", "keyboard",
+    "lamp", "lawn_mower", "leopard", "lion", "lizard", "lobster", "man", "maple_tree", "motorcycle", "mountain",
+    "mouse", "mushroom", "oak_tree", "orange", "orchid", "otter", "palm_tree", "pear", "pickup_truck", "pine_tree",
+    "plain", "plate", "poppy", "porcupine", "possum", "rabbit", "raccoon", "ray", "road", "rocket",
+    "rose", "sea", "seal", "shark", "shrew", "skunk", "skyscraper", "snail", "snake", "spider",
+    "squirrel", "streetcar", "sunflower", "sweet_pepper", "table", "tank", "telephone", "television", "tiger",
+    "tractor", "train", "trout", "tulip", "turtle", "wardrobe", "whale", "willow_tree", "wolf", "woman", "worm",
+)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a data set is, before loading it.
+
+    Attributes:
+        class_names: name of each original label, in label order.
+        in_chans: channels of the served images.
+        image_size: default side length of the served images.
+        num_tasks: default number of tasks (``None``: the user must choose).
+    """
+
+    class_names: tuple[str, ...]
+    in_chans: int
+    image_size: int
+    num_tasks: int | None
+
+
+@dataclass
+class RawSplits:
+    """Untransformed train and test sets with their original labels (``targets[i]`` is the label of item i)."""
+
+    train: Dataset
+    test: Dataset
+    train_targets: Tensor
+    test_targets: Tensor
+
+
+def dataset_info(dataset: str, root: str | None = None) -> DatasetInfo:
+    """Class names, channels and defaults of ``dataset`` (lists ``root/train`` for an image folder)."""
+    if dataset == "digits":
+        return DatasetInfo(tuple(str(d) for d in range(10)), in_chans=1, image_size=28, num_tasks=5)
+    if dataset == "cifar100":
+        return DatasetInfo(CIFAR100_CLASSES, in_chans=3, image_size=224, num_tasks=10)
+    if dataset == "imagefolder":
+        return DatasetInfo(tuple(imagefolder_classes(root)), in_chans=3, image_size=224, num_tasks=None)
+    raise expected("dataset", f"one of {DATASETS}", dataset)
+
+
+# ----------------------------------------------------------------------------------------------- digits
+
+
+def load_digits_splits(image_size: int, test_fraction: float, split_seed: int) -> RawSplits:
+    """scikit-learn's bundled digits as ``[0, 1]`` float images, resized once, stratified train/test split.
+
+    The 1,797 8×8 images (values 0..16) are scaled by 1/16, resized to ``image_size`` with antialiased
+    bilinear interpolation and stored as ``(N, 1, image_size, image_size)`` float32, so every epoch only
+    indexes memory. ``test_fraction`` of every class goes to the test set (``train_test_split`` with
+    ``stratify``, ``random_state=split_seed``).
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = load_digits()
+    images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
+    targets = torch.as_tensor(bunch.target, dtype=torch.long)
+    if image_size != images.shape[-1]:
+        # Bilinear weights are convex, so the result stays in [0, 1].
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                               antialias=True)
+
+    num, num_classes = len(targets), int(targets.max()) + 1
+    num_test = math.ceil(test_fraction * num)  # how train_test_split rounds a float test_size
+    if num_test < num_classes or num - num_test < num_classes:
+        raise expected("test_fraction", f"a fraction that leaves at least one digit of each of the {num_classes} "
+                       f"classes in both splits of the {num} images", test_fraction)
+    train_idx, test_idx = train_test_split(torch.arange(num).numpy(), test_size=test_fraction,
+                                           stratify=targets.numpy(), random_state=split_seed)
+    train_idx, test_idx = torch.as_tensor(train_idx), torch.as_tensor(test_idx)
+    full = TensorDataset(images, targets)
+    return RawSplits(
+        train=Subset(full, train_idx.tolist()),  # both views index the one image tensor
+        test=Subset(full, test_idx.tolist()),
+        train_targets=targets[train_idx],
+        test_targets=targets[test_idx],
+    )
+
+
+# -------------------------------------------------------------------------------------------- CIFAR-100
+
+
+def download_cifar100(root: str) -> None:
+    """Fetch CIFAR-100 into ``root/cifar-100-python`` (about 160 MB) unless a verified copy is there."""
+    for train in (True, False):
+        CIFAR100(root, train=train, download=True)
+
+
+def load_cifar100_splits(root: str, download: bool = False) -> RawSplits:
+    """CIFAR-100 from ``root`` as PIL images (torchvision), with a clear error when the files are missing."""
+    splits = []
+    for train in (True, False):
+        try:
+            data = CIFAR100(root, train=train, download=download)
+        except RuntimeError as err:  # torchvision: "Dataset not found or corrupted."
+            raise expected(
+                "root", "a directory holding CIFAR-100 (`<root>/cifar-100-python/`)", root,
+                "Pass `download: true` (TaskStreamDataModule(download=True)) to fetch it there, about 160 MB, "
+                "or point `root` at an existing copy.") from err
+        splits.append(data)
+    train, test = splits
+    return RawSplits(train, test, torch.as_tensor(train.targets, dtype=torch.long),
+                     torch.as_tensor(test.targets, dtype=torch.long))
+
+
+# ------------------------------------------------------------------------------------------ image folder
+
+
+def _class_dirs(directory: Path, root: str | None) -> list[str]:
+    if not directory.is_dir():
+        raise expected("root", f"a directory with `train/` and `test/` subdirectories of class folders "
+                       f"(`{directory.name}/` is missing)", root)
+    try:
+        classes, _ = find_classes(directory)  # ImageFolder's own listing: sorted subdirectory names
+    except FileNotFoundError as err:
+        raise expected("root", f"a directory whose `{directory.name}/` holds one folder per class", root) from err
+    return classes
+
+
+def imagefolder_classes(root: str | None) -> list[str]:
+    """Sorted class names of ``root/train`` (as ImageFolder numbers them), checked equal to ``root/test``'s."""
+    if root is None:
+        raise expected("root", "a directory laid out as `root/{train,test}/<class>/<image>` for dataset "
+                       "'imagefolder'", root)
+    train = _class_dirs(Path(root) / "train", root)
+    test = _class_dirs(Path(root) / "test", root)
+    if train != test:
+        only_train, only_test = sorted(set(train) - set(test)), sorted(set(test) - set(train))
+        raise expected("root", "a directory whose `train/` and `test/` have the same class folders", root,
+                       f"Only in train/: {only_train[:10]}; only in test/: {only_test[:10]}.")
+    return train
+
+
+def load_imagefolder_splits(root: str) -> RawSplits:
+    """``root/train`` and ``root/test`` through torchvision's ImageFolder (RGB PIL images)."""
+    imagefolder_classes(root)  # same class folders in both splits, so labels mean the same class
+    splits = []
+    for split in ("train", "test"):
+        try:
+            data = ImageFolder(os.path.join(root, split))
+        except FileNotFoundError as err:  # a class folder without a single image file
+            raise expected("root", "a directory whose every class folder holds at least one image", root,
+                           str(err)) from err
+        splits.append(data)
+    train, test = splits
+    return RawSplits(train, test, torch.as_tensor(train.targets, dtype=torch.long),
+                     torch.as_tensor(test.targets, dtype=torch.long))

@@ -1,0 +1,373 @@
+"""The task-stream DataModule: one ``fit`` runs a whole class-incremental stream (ARCHITECTURE.md).
+
+The DataModule owns the task schedule. Its :attr:`~TaskStreamDataModule.current_task` is the single source
+of truth for task boundaries: set explicitly with :meth:`~TaskStreamDataModule.set_task` (one ``fit`` per
+task), or else ``trainer.current_epoch // epochs_per_task`` (one ``fit`` for the stream).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Literal, Sequence
+
+import lightning as L
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset
+
+from lightning_taylor._checks import check_choice, check_non_negative_int, check_positive_int, expected
+from lightning_taylor.data.datasets import (
+    DATASETS,
+    DatasetInfo,
+    RawSplits,
+    dataset_info,
+    download_cifar100,
+    load_cifar100_splits,
+    load_digits_splits,
+    load_imagefolder_splits,
+)
+from lightning_taylor.data.split import ClassIncrementalSplit, class_order
+from lightning_taylor.data.transforms import Transform, digits_transforms, image_transforms
+from lightning_taylor.data.views import TransformedSubset
+
+log = logging.getLogger(__name__)
+_info = rank_zero_only(log.info)
+
+Split = Literal["train", "test"]
+
+
+class TaskStreamDataModule(L.LightningDataModule):
+    """A class-incremental task stream over digits, CIFAR-100 or an image folder.
+
+    The ``C`` classes are put in a fixed order (:func:`class_order`) and labels are **remapped** to
+    positions in that order, so task ``t`` owns the contiguous labels ``[t·k, (t+1)·k)``, ``k = C / T``.
+    Every batch is ``(x, y)`` with the remapped ``y``; the task of a label is ``y // k``.
+
+    Loaders:
+
+    - :meth:`train_dataloader`: the current task's training set (shuffled, augmented if ``augment``).
+    - :meth:`val_dataloader`: one loader over the test sets of tasks ``0..current_task``.
+    - :meth:`test_dataloader`: one loader over the test sets of every task.
+    - :meth:`task_dataloader`: any one task's train or test set, for task-boundary callbacks (features,
+      Fisher); no distributed sampler is added, the caller shards.
+
+    Under DDP Lightning wraps the train, val and test loaders in a ``DistributedSampler`` itself.
+
+    **Task schedule.** Without :meth:`set_task`, the current task is ``trainer.current_epoch //
+    epochs_per_task`` (clamped to the last task), so run ``max_epochs = num_tasks · epochs_per_task``
+    (:attr:`max_epochs`) and let the Trainer rebuild the loaders at every task boundary:
+    ``Trainer(reload_dataloaders_every_n_epochs=...)`` with a value that divides ``epochs_per_task``
+    (the CLI sets it). ``epochs_per_task`` itself reloads least often, but only when the fit starts at a
+    task boundary: Lightning does not checkpoint when it last reloaded, so after resuming mid-task it
+    would reload ``epochs_per_task`` epochs after the resumed epoch, past the next boundary. ``1``
+    rebuilds every epoch (cheap: a loader over an index tensor), is always aligned and also keeps the
+    validation loader exact when validation does not run every epoch. :meth:`train_dataloader` refuses a
+    schedule that would train a task on another task's data.
+
+    **Data sets.**
+
+    - ``digits``: scikit-learn's bundled 8×8 digits (1,797 images, 10 classes; no download), 1 channel,
+      scaled to [0, 1], resized to ``image_size`` (28) once, stratified train/test split by
+      ``test_fraction`` and ``split_seed``. Training jitter: random affine ±10°, ±10 % shift (no flips).
+    - ``cifar100``: torchvision's CIFAR-100 in ``root`` (``root/cifar-100-python/``), fetched only with
+      ``download=True``. 100 classes, 10 tasks by default.
+    - ``imagefolder``: a directory laid out as::
+
+          root/train/<class>/<image>.{jpg,png,...}
+          root/test/<class>/<image>.{jpg,png,...}
+
+      read with torchvision's ``ImageFolder`` (RGB; classes numbered in sorted folder-name order; ``train``
+      and ``test`` must have the same class folders). ``num_tasks`` must be given.
+
+    CIFAR-100 and image folders are served at ``image_size`` (224) with random resized crops (80–100 %)
+    and horizontal flips for training, resize + centre crop for testing.
+
+    Args:
+        dataset: which data set to stream.
+        root: data directory (``cifar100``: where ``cifar-100-python/`` is or goes; ``imagefolder``: the
+            directory holding ``train/`` and ``test/``). Unused by ``digits``.
+        num_tasks: number of tasks; must divide the number of classes. ``None``: the data set's default
+            (digits 5, CIFAR-100 10; required for image folders).
+        epochs_per_task: training epochs of each task in a one-``fit`` stream.
+        class_order_seed: seed of the class permutation; ``None`` keeps the natural order ``0..C-1``.
+        batch_size: training batch size (per process).
+        eval_batch_size: batch size of the validation, test and :meth:`task_dataloader` loaders.
+        num_workers: DataLoader worker processes.
+        image_size: side of the served images; ``None``: 28 for digits, 224 otherwise.
+        mean: normalisation mean, one value for all channels or one per channel.
+        std: normalisation standard deviation (> 0), one value or one per channel.
+        download: allow torchvision to download CIFAR-100 into ``root``.
+        test_fraction: digits only: fraction of every class held out for testing, in (0, 1).
+        split_seed: digits only: seed of the stratified train/test split.
+        augment: augment the training loader (random affine for digits; crop and flip otherwise).
+        pin_memory: pin the loaders' batches in page-locked memory (faster host-to-GPU copies).
+    """
+
+    def __init__(
+        self,
+        dataset: Literal["digits", "cifar100", "imagefolder"] = "digits",
+        root: str | None = None,
+        num_tasks: int | None = None,
+        epochs_per_task: int = 5,
+        class_order_seed: int | None = 0,
+        batch_size: int = 32,
+        eval_batch_size: int = 128,
+        num_workers: int = 0,
+        image_size: int | None = None,
+        mean: float | Sequence[float] = 0.5,
+        std: float | Sequence[float] = 0.5,
+        download: bool = False,
+        test_fraction: float = 0.2,
+        split_seed: int = 0,
+        augment: bool = True,
+        pin_memory: bool = False,
+    ) -> None:
+        super().__init__()
+        check_choice("dataset", dataset, DATASETS)
+        if root is not None and not isinstance(root, (str, os.PathLike)):
+            raise expected("root", "a directory path or None", root)
+        if dataset == "cifar100" and root is None:
+            raise expected("root", "a data directory for dataset 'cifar100'", root,
+                           "CIFAR-100 is read from `<root>/cifar-100-python/`; add `download: true` to fetch it.")
+        for name, value in (("epochs_per_task", epochs_per_task), ("batch_size", batch_size),
+                            ("eval_batch_size", eval_batch_size)):
+            check_positive_int(name, value)
+        check_non_negative_int("num_workers", num_workers)
+        if image_size is not None:
+            check_positive_int("image_size", image_size)
+        if class_order_seed is not None:
+            check_non_negative_int("class_order_seed", class_order_seed)
+        check_non_negative_int("split_seed", split_seed)
+        for name, value in (("download", download), ("augment", augment), ("pin_memory", pin_memory)):
+            if not isinstance(value, bool):
+                raise expected(name, "a bool", value)
+        if isinstance(test_fraction, bool) or not isinstance(test_fraction, (int, float)) or not 0 < test_fraction < 1:
+            raise expected("test_fraction", "a float in (0, 1)", test_fraction)
+
+        root = None if root is None else os.fspath(root)  # a plain str in the saved hyperparameters too
+        self.dataset = dataset
+        self.root = root
+        self.info: DatasetInfo = dataset_info(dataset, root)  # lists the folders of an image folder
+        if num_tasks is None:
+            if self.info.num_tasks is None:
+                raise expected("num_tasks", f"an int >= 1 that divides the {len(self.info.class_names)} classes "
+                               f"of dataset '{dataset}'", num_tasks, "Image folders have no default task count.")
+            num_tasks = self.info.num_tasks
+        self.class_order_seed = class_order_seed
+        num_classes = len(self.info.class_names)
+        self.class_split = ClassIncrementalSplit(num_classes, num_tasks, class_order(num_classes, class_order_seed))
+        self.num_tasks = num_tasks
+        self.epochs_per_task = epochs_per_task
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size
+        self.num_workers = num_workers
+        self.image_size = image_size if image_size is not None else self.info.image_size
+        self.mean = self._per_channel("mean", mean, positive=False)
+        self.std = self._per_channel("std", std, positive=True)
+        self.download = download
+        self.test_fraction = float(test_fraction)
+        self.split_seed = split_seed
+        self.augment = augment
+        self.pin_memory = pin_memory
+        self.save_hyperparameters()  # plain values only, so checkpoints keep loading with weights_only=True
+
+        self._task: int | None = None  # explicit task from set_task; None follows the trainer's epoch
+        self._raw: RawSplits | None = None
+        self._train_labels: Tensor | None = None  # remapped labels of the raw train / test items
+        self._test_labels: Tensor | None = None
+        self._announced_task: int | None = None
+
+    def _per_channel(self, name: str, value: float | Sequence[float], positive: bool) -> tuple[float, ...]:
+        """``value`` as one float per channel (a single value is broadcast)."""
+        in_chans = self.info.in_chans
+        values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
+        try:
+            values = [v for v in values]
+        except TypeError:
+            values = None
+        ok = (values is not None and len(values) in (1, in_chans)
+              and all(isinstance(v, (int, float)) and not isinstance(v, bool) and (v > 0 or not positive)
+                      for v in values))
+        if not ok:
+            what = "a float > 0" if positive else "a float"
+            raise expected(name, f"{what} or a list of {in_chans} such values (one per channel of '{self.dataset}')",
+                           value)
+        return tuple(float(v) for v in values) * (in_chans // len(values))
+
+    # ------------------------------------------------------------------------------------ class layout
+
+    @property
+    def num_classes(self) -> int:
+        """Number of classes ``C`` over all tasks."""
+        return self.class_split.num_classes
+
+    @property
+    def classes_per_task(self) -> int:
+        """Classes per task ``k = C / T``."""
+        return self.class_split.classes_per_task
+
+    @property
+    def class_order(self) -> tuple[int, ...]:
+        """Original label of each remapped label (``class_order[y]`` is the data set's label of ``y``)."""
+        return self.class_split.order
+
+    @property
+    def original_class_names(self) -> tuple[str, ...]:
+        """Class names in the data set's own label order."""
+        return self.info.class_names
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Class names in remapped order: ``class_names[y]`` names remapped label ``y``."""
+        return tuple(self.info.class_names[c] for c in self.class_split.order)
+
+    @property
+    def in_chans(self) -> int:
+        """Channels of the served images (1 for digits, 3 otherwise)."""
+        return self.info.in_chans
+
+    @property
+    def max_epochs(self) -> int:
+        """Epochs of a one-``fit`` stream: ``num_tasks · epochs_per_task``."""
+        return self.num_tasks * self.epochs_per_task
+
+    def task_classes(self, task: int) -> range:
+        """Remapped labels owned by ``task``: ``range(task·k, (task+1)·k)``."""
+        return self.class_split.task_classes(task)
+
+    def task_of_label(self, label: int | Tensor) -> int | Tensor:
+        """Task owning remapped ``label`` (``label // k``), elementwise for tensors."""
+        return self.class_split.task_of_label(label)
+
+    # ---------------------------------------------------------------------------------- task schedule
+
+    @property
+    def current_task(self) -> int:
+        """The task being trained: the :meth:`set_task` value if any, else ``trainer.current_epoch //
+        epochs_per_task`` clamped to the last task, else 0 (no trainer attached)."""
+        if self._task is not None:
+            return self._task
+        trainer = self.trainer
+        if trainer is None:
+            return 0
+        return min(int(trainer.current_epoch) // self.epochs_per_task, self.num_tasks - 1)
+
+    def set_task(self, task: int | None) -> None:
+        """Fix the current task (for one ``fit`` per task); ``None`` follows the trainer's epoch again."""
+        self._task = None if task is None else self.class_split.check_task(task)
+
+    def state_dict(self) -> dict[str, Any]:
+        # The epoch-derived task is restored with the trainer's epoch; only an explicit one needs saving.
+        return {"task": self._task}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.set_task(state_dict.get("task"))
+
+    def _check_reload_schedule(self) -> None:
+        """Refuse a Trainer whose dataloader reloads miss a task boundary still ahead in this fit."""
+        trainer = self.trainer
+        every = getattr(trainer, "reload_dataloaders_every_n_epochs", None)
+        if self._task is not None or every is None:
+            return
+        epoch, task = int(trainer.current_epoch), self.current_task
+        max_epochs = getattr(trainer, "max_epochs", None)
+        next_boundary = (task + 1) * self.epochs_per_task
+        if task == self.num_tasks - 1 or (max_epochs is not None and 0 <= max_epochs <= next_boundary):
+            return  # no boundary left in this fit
+        # Lightning reloads at epochs epoch + i·every; each boundary j·E must be one of them.
+        if every == 0 or self.epochs_per_task % every or epoch % every:
+            raise expected(
+                "Trainer(reload_dataloaders_every_n_epochs=...)",
+                f"1 or a divisor of epochs_per_task={self.epochs_per_task} that also divides the start epoch "
+                f"{epoch}", every,
+                "Otherwise the loaders are not rebuilt at the next task boundary (epoch "
+                f"{next_boundary}) and task {task + 1} would train on task {task}'s data. Use 1 to resume mid-task.")
+
+    # ---------------------------------------------------------------------------------------- loading
+
+    def prepare_data(self) -> None:
+        """Download CIFAR-100 when asked to (Lightning calls this on one process per node)."""
+        if self.dataset == "cifar100" and self.download:
+            download_cifar100(self.root)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the raw splits once and remap their labels (idempotent; the stage does not matter)."""
+        if self._raw is not None:
+            return
+        if self.dataset == "digits":
+            raw = load_digits_splits(self.image_size, self.test_fraction, self.split_seed)
+        elif self.dataset == "cifar100":
+            raw = load_cifar100_splits(self.root, download=self.download)
+        else:
+            raw = load_imagefolder_splits(self.root)
+        self._train_labels = self.class_split.remap(raw.train_targets)
+        self._test_labels = self.class_split.remap(raw.test_targets)
+        self._raw = raw
+        _info(f"{self.dataset}: {len(raw.train_targets)} training and {len(raw.test_targets)} test images, "
+              f"{self.num_tasks} tasks x {self.classes_per_task} classes, class order {list(self.class_order)}")
+
+    def _transforms(self) -> tuple[Transform, Transform]:
+        if self.dataset == "digits":
+            return digits_transforms(self.mean, self.std)
+        return image_transforms(self.image_size, self.mean, self.std)
+
+    def tasks_dataset(self, tasks: Sequence[int], split: Split = "train", augment: bool = False) -> Dataset:
+        """The ``split`` examples of ``tasks`` as ``(x, remapped y)``, with training augmentation if ``augment``
+        (else test-time transforms). A view over the loaded data: an index tensor, no copy."""
+        check_choice("split", split, ("train", "test"))
+        if not isinstance(augment, bool):
+            raise expected("augment", "a bool", augment)
+        self.setup()
+        labels = self._train_labels if split == "train" else self._test_labels
+        raw = self._raw.train if split == "train" else self._raw.test
+        indices = self.class_split.task_indices(labels, tasks)
+        train_tf, test_tf = self._transforms()
+        return TransformedSubset(raw, indices, labels[indices], train_tf if augment else test_tf)
+
+    def task_dataset(self, task: int, split: Split = "train", augment: bool = False) -> Dataset:
+        """The ``split`` examples of one ``task``; see :meth:`tasks_dataset`."""
+        return self.tasks_dataset([self.class_split.check_task(task)], split, augment)
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, drop_last=False)
+
+    def train_dataloader(self) -> DataLoader:
+        """The current task's training set, shuffled, augmented if ``augment``."""
+        if self.trainer is not None:
+            self._check_reload_schedule()
+        task = self.current_task
+        dataset = self.task_dataset(task, "train", augment=self.augment)
+        if task != self._announced_task:  # with reloads every epoch, say it once per task
+            classes = self.task_classes(task)
+            _info(f"Training on task {task} (labels {classes.start}..{classes.stop - 1}): {len(dataset)} images")
+            self._announced_task = task
+        return self._loader(dataset, self.batch_size, shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        """One loader over the test sets of every task seen so far (``0..current_task``)."""
+        return self._loader(self.tasks_dataset(range(self.current_task + 1), "test"), self.eval_batch_size, False)
+
+    def test_dataloader(self) -> DataLoader:
+        """One loader over the test sets of every task."""
+        return self._loader(self.tasks_dataset(range(self.num_tasks), "test"), self.eval_batch_size, False)
+
+    def task_dataloader(self, task: int, split: Split = "train", augment: bool = False,
+                        batch_size: int | None = None, shuffle: bool = False) -> DataLoader:
+        """One task's ``split`` set (test-time transforms unless ``augment``), for task-boundary passes.
+
+        No distributed sampler is added: under DDP the caller shards (e.g. wraps :meth:`task_dataset` in
+        its own ``DistributedSampler``). ``batch_size`` defaults to ``eval_batch_size``.
+        """
+        if batch_size is not None:
+            check_positive_int("batch_size", batch_size)
+        if not isinstance(shuffle, bool):
+            raise expected("shuffle", "a bool", shuffle)
+        dataset = self.task_dataset(task, split, augment)
+        return self._loader(dataset, batch_size or self.eval_batch_size, shuffle)
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(dataset={self.dataset!r}, num_tasks={self.num_tasks}, "
+                f"classes_per_task={self.classes_per_task}, epochs_per_task={self.epochs_per_task}, "
+                f"current_task={self.current_task})")
