@@ -1,0 +1,120 @@
+"""Continual evaluation: the accuracy matrix after every task, logged, printed and written at the end.
+
+After the last epoch of task ``t`` the composed model is evaluated on the test data of every seen task
+``j ≤ t``; row ``t`` of the accuracy matrix holds those accuracies (micro-averaged over each task's test
+examples, summed across processes by torchmetrics). Two matrices are kept:
+
+- class-incremental: argmax over all classes seen so far;
+- task-incremental: argmax within the example's own task's classes.
+
+At the end of ``fit`` both are printed as tables and written to ``accuracy_class_il.csv`` /
+``accuracy_class_il.png`` (and ``task_il``) in ``output_dir`` (default: the logger's directory).
+The LightningModule's ``validation_step`` / ``test_step`` must return ``{"logits": …, "target": …}``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_info
+
+from lightning_taylor.metrics import AccuracyMatrix, ContinualAccuracy
+
+SETTINGS = ("class_il", "task_il")
+
+
+class ContinualEvaluation(L.Callback):
+    """Accuracy matrix, average accuracy and forgetting of a class-incremental stream.
+
+    Args:
+        output_dir: where CSV and PNG files go; ``None`` = the logger's directory (``trainer.log_dir``).
+    """
+
+    def __init__(self, output_dir: str | None = None) -> None:
+        self.output_dir = output_dir
+        self.matrices = {name: AccuracyMatrix(name) for name in SETTINGS}
+        self.metric: ContinualAccuracy | None = None
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        data = trainer.datamodule
+        self.metric = ContinualAccuracy(data.num_tasks, data.classes_per_task)
+
+    def _seen_tasks(self, trainer: L.Trainer) -> int:
+        return int(trainer.datamodule.current_task) + 1
+
+    def _start(self, pl_module: L.LightningModule) -> None:
+        self.metric = self.metric.to(pl_module.device)
+        self.metric.reset()
+
+    def _update(self, trainer: L.Trainer, outputs: Any) -> None:
+        if not isinstance(outputs, dict) or "logits" not in outputs:
+            raise TypeError(
+                "Expected `validation_step` / `test_step` to return a dict with 'logits' and 'target' for "
+                f"ContinualEvaluation, but got {type(outputs).__name__}."
+            )
+        self.metric.update(outputs["logits"].detach(), outputs["target"], self._seen_tasks(trainer))
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start(pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self._update(trainer, outputs)
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update(trainer, outputs)
+
+    def _end_of_task(self, trainer: L.Trainer) -> bool:
+        """True when this validation closes a task (or is a standalone ``validate``)."""
+        if not trainer.training:
+            return True
+        return (trainer.current_epoch + 1) % int(trainer.datamodule.epochs_per_task) == 0
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._record(trainer, pl_module, "val", add_row=self._end_of_task(trainer))
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._record(trainer, pl_module, "test", add_row=False)
+        rank_zero_info(self.report())
+
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, add_row: bool) -> None:
+        seen = self._seen_tasks(trainer)
+        results = self.metric.compute()  # reduced across processes
+        for name in SETTINGS:
+            accuracies = [float(a) for a in results[name][:seen]]
+            pl_module.log(f"{stage}/{name}/avg_acc", sum(accuracies) / seen, sync_dist=False)
+            for task, acc in enumerate(accuracies):
+                pl_module.log(f"{stage}/{name}/task{task}", acc, sync_dist=False)
+            if add_row:
+                self.matrices[name].add_row(seen - 1, accuracies)
+        if add_row:
+            rank_zero_info(f"After task {seen - 1}:\n{self.report()}")
+
+    def report(self) -> str:
+        """Both accuracy matrices as text tables with average accuracy and forgetting."""
+        return "\n".join(self.matrices[name].format_table() for name in SETTINGS)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        directory = self.output_dir or trainer.log_dir or trainer.default_root_dir
+        if not trainer.is_global_zero or not self.matrices["class_il"].rows:
+            return
+        os.makedirs(directory, exist_ok=True)
+        for name in SETTINGS:
+            matrix = self.matrices[name]
+            matrix.to_csv(os.path.join(directory, f"accuracy_{name}.csv"))
+            matrix.to_png(os.path.join(directory, f"accuracy_{name}.png"), title=f"{name.replace('_', '-')} accuracy")
+        rank_zero_info(f"Final accuracy matrices:\n{self.report()}\nWritten to {directory}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {name: matrix.state_dict() for name, matrix in self.matrices.items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for name, matrix in self.matrices.items():
+            matrix.load_state_dict(state_dict[name])

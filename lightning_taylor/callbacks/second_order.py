@@ -1,0 +1,345 @@
+"""ITA and IEL as Lightning callbacks: deltas, task boundary, Fisher at θ0, and the penalty step.
+
+One callback runs the whole method on a LightningModule that follows the small protocol of
+:mod:`lightning_taylor.module` (a timm ``backbone`` whose classifier is one linear head over all classes):
+
+- ``setup``: attaches :class:`~lightning_taylor.deltas.TaskDeltas` to ``pl_module.task_deltas`` — before the
+  optimisers and DDP are built, so the trainable slot is registered once for the whole fit;
+- ``on_train_epoch_start``: at a new task ``t`` (read from ``trainer.datamodule.current_task``), banks the
+  previous delta, pre-tunes the head, computes the Fisher of the backbone at θ0 (deltas off, pre-tuned head
+  installed) and of the head, resets the optimiser state; then sets the training forward: ``θ0 + τ_t``
+  (ITA) or the uniform composition ``θ0 + (1/T) Σ_{s≤t} τ_s`` (IEL);
+- validation and test evaluate the uniform composition of every task seen;
+- ``on_before_optimizer_step`` (once per optimiser step, after accumulation): the penalty, decoupled —
+  ``θ ← θ − s · clip(∂R/∂θ)``, ``s`` the schedule's current factor — or coupled (``∂R/∂θ`` added to the
+  gradients, exactly as if ``R`` were in the loss);
+- ``on_train_end``: banks the last delta and saves deltas, Fisher and pre-tuned head as safetensors.
+
+Everything needed to resume mid-stream is in the checkpoint: deltas in the module's state, the rest
+(task index, Fisher sums and counts, pre-tuned head, head Fisher, mixtures) in this callback's state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import asdict
+from typing import Any, ClassVar, Literal, Sequence
+
+import lightning as L
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from safetensors.torch import save_file
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Subset
+
+from lightning_taylor._checks import check_choice, check_non_negative, check_positive_int
+from lightning_taylor.alignment import ClassMixtures, head_fisher
+from lightning_taylor.callbacks.pretuning import PreTuning, extract_features, pretune_head
+from lightning_taylor.deltas import DEFAULT_TARGETS, DeltaStyle, TaskDeltas, save_deltas
+from lightning_taylor.editing import uniform
+from lightning_taylor.fisher import Estimator, FisherAccumulator, diagonal_fisher
+from lightning_taylor.penalties import Algorithm, decoupled_step, delta_penalty, head_penalty
+
+log = logging.getLogger(__name__)
+
+PenaltyMode = Literal["decoupled", "coupled"]
+
+
+class _SeenLogits(nn.Module):
+    """The backbone's logits restricted to the classes seen so far (the Fisher's classifier)."""
+
+    def __init__(self, backbone: nn.Module, num_seen: int) -> None:
+        super().__init__()
+        self.model, self.num_seen = backbone, num_seen
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.model(x)[:, : self.num_seen]
+
+
+def _shard(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
+    """This process's strided share of ``loader``'s data set, without the padding of DistributedSampler."""
+    if world_size == 1:
+        return loader
+    indices = range(rank, len(loader.dataset), world_size)
+    return DataLoader(Subset(loader.dataset, indices), batch_size=loader.batch_size, num_workers=loader.num_workers)
+
+
+class SecondOrder(L.Callback):
+    """Shared machinery of :class:`ITA` and :class:`IEL` (see the module docstring)."""
+
+    algorithm: ClassVar[Algorithm]
+
+    def __init__(
+        self,
+        strength: float,
+        lambda_fisher: float | None = None,
+        lambda_l2: float = 0.001,
+        penalty_mode: PenaltyMode = "decoupled",
+        max_grad_norm: float = 100.0,
+        style: DeltaStyle = "lora",
+        rank: int = 16,
+        targets: Sequence[str] = DEFAULT_TARGETS,
+        qkv_rank_factor: int = 3,
+        fisher_estimator: Estimator = "exact",
+        fisher_samples: int = 1,
+        fisher_top_k: int = 10,
+        fisher_batch_size: int = 32,
+        prior: float = 1e-5,
+        pretuning: PreTuning | None = None,
+        head_fisher_samples: int = 256,
+        seed: int = 0,
+        save_dir: str | None = None,
+    ) -> None:
+        check_non_negative("strength", strength)
+        check_non_negative("lambda_l2", lambda_l2)
+        if lambda_fisher is not None:
+            check_non_negative("lambda_fisher", lambda_fisher)
+        check_choice("penalty_mode", penalty_mode, ("decoupled", "coupled"))
+        check_non_negative("max_grad_norm", max_grad_norm)
+        check_choice("fisher_estimator", fisher_estimator, ("exact", "mc", "topk", "empirical"))
+        check_positive_int("fisher_batch_size", fisher_batch_size)
+        check_positive_int("head_fisher_samples", head_fisher_samples)
+        self.strength = float(strength)
+        # METHOD.md §4: the head's Fisher weight defaults to α (ITA) or β (IEL).
+        self.lambda_fisher = float(strength if lambda_fisher is None else lambda_fisher)
+        self.lambda_l2 = float(lambda_l2)
+        self.penalty_mode, self.max_grad_norm = penalty_mode, float(max_grad_norm)
+        self.delta_config = dict(style=style, rank=rank, targets=tuple(targets), qkv_rank_factor=qkv_rank_factor, seed=seed)
+        self.fisher_config = dict(estimator=fisher_estimator, samples=fisher_samples, top_k=fisher_top_k)
+        self.fisher_batch_size, self.prior = fisher_batch_size, prior
+        self.pretuning = pretuning or PreTuning()
+        self.head_fisher_samples, self.seed, self.save_dir = head_fisher_samples, seed, save_dir
+        # State carried by checkpoints (see state_dict).
+        self.task = -1
+        self.accumulator = FisherAccumulator(prior)
+        self.mixtures: ClassMixtures | None = None
+        self.pretuned_head: dict[str, Tensor] = {}
+        self.head_curvature: dict[str, Tensor] = {}
+        self._curvature: dict[str, Tensor] | None = None  # derived from the accumulator, on the device
+
+    # -- set-up ---------------------------------------------------------------------------------------
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if getattr(pl_module, "task_deltas", None) is None:
+            pl_module.task_deltas = TaskDeltas(pl_module.backbone, **self.delta_config)
+        if not self.pretuned_head:
+            head = pl_module.backbone.get_classifier()
+            self.pretuned_head = {k: v.detach().float().cpu().clone() for k, v in head.state_dict().items()}
+
+    @staticmethod
+    def _deltas(pl_module: L.LightningModule) -> TaskDeltas:
+        return pl_module.task_deltas
+
+    def _classes_per_task(self, trainer: L.Trainer) -> int:
+        return int(trainer.datamodule.classes_per_task)
+
+    # -- composition ----------------------------------------------------------------------------------
+    def training_composition(self, task: int) -> dict[int, float]:
+        raise NotImplementedError
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        task = int(trainer.datamodule.current_task)
+        if task != self.task:
+            self.begin_task(trainer, pl_module, task)
+        self._deltas(pl_module).compose(self.training_composition(task))
+
+    def _compose_for_evaluation(self, pl_module: L.LightningModule) -> None:
+        deltas = self._deltas(pl_module)
+        if deltas.tasks:
+            deltas.compose(uniform(deltas.tasks))
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._compose_for_evaluation(pl_module)
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._compose_for_evaluation(pl_module)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.training and self.task >= 0:  # validation inside an epoch: back to the training forward
+            self._deltas(pl_module).compose(self.training_composition(self.task))
+
+    # -- task boundary --------------------------------------------------------------------------------
+    def begin_task(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
+        """METHOD.md §5: bank, pre-tune, Fisher of backbone and head at θ0, fresh optimiser state."""
+        deltas, backbone = self._deltas(pl_module), pl_module.backbone
+        k = self._classes_per_task(trainer)
+        task_classes = range(task * k, (task + 1) * k)
+        rank_zero_info(f"[{self.algorithm.upper()}] task {task}: classes {task_classes.start}..{task_classes.stop - 1}")
+        deltas.begin_task(task)
+        loader = trainer.datamodule.task_dataloader(task, "train")
+
+        with deltas.disabled():
+            features, labels = extract_features(backbone, loader, pl_module.device)
+        head = nn.Linear(features.shape[1], self.pretuned_head["weight"].shape[0])
+        head.load_state_dict(self.pretuned_head)
+        self.mixtures = pretune_head(head, self.mixtures, features, labels, task_classes, task, self.pretuning, self.seed)
+        self.pretuned_head = {k_: v.detach().clone() for k_, v in head.state_dict().items()}
+
+        fisher = self._backbone_fisher(trainer, pl_module, task_classes.stop, loader)
+        self.accumulator.set_task(task, fisher)
+        self._curvature = None
+        self.head_curvature = self._head_fisher(head, task, k)
+
+        for optimizer in trainer.optimizers:  # a new task starts with fresh AdamW moments
+            optimizer.state.clear()
+        self.task = task
+
+    def _backbone_fisher(self, trainer: L.Trainer, pl_module: L.LightningModule, num_seen: int, loader: DataLoader):
+        deltas, backbone = self._deltas(pl_module), pl_module.backbone
+        head = backbone.get_classifier()
+        trained_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        head.load_state_dict({k: v.to(head.weight) for k, v in self.pretuned_head.items()})
+        shard = _shard(loader, trainer.global_rank, trainer.world_size)
+        batches = ((x.to(pl_module.device), y.to(pl_module.device)) for x, y in shard)
+        names = [f"model.{name}.weight" for name in deltas.names]
+        try:
+            with deltas.disabled():
+                fisher = diagonal_fisher(_SeenLogits(backbone, num_seen), batches, names, **self.fisher_config)
+        finally:
+            head.load_state_dict(trained_head)
+        fisher.all_reduce()  # every rank reaches this collective; sums and counts, divided later
+        fisher.sums = {name[len("model.") :]: value for name, value in fisher.sums.items()}
+        rank_zero_info(f"[{self.algorithm.upper()}] Fisher ({fisher.estimator}) over {fisher.count} examples")
+        return fisher
+
+    def _head_fisher_classes(self, task: int, classes_per_task: int) -> range:
+        """Classes whose synthetic features give the head's Fisher: tasks ≤ t (ITA), < t (IEL)."""
+        raise NotImplementedError
+
+    def _head_fisher(self, head: nn.Linear, task: int, classes_per_task: int) -> dict[str, Tensor]:
+        classes = self._head_fisher_classes(task, classes_per_task)
+        weight_sum = torch.zeros_like(head.weight)
+        bias_sum = torch.zeros_like(head.bias)
+        count = 0
+        if len(classes):
+            generator = torch.Generator().manual_seed(self.seed * 104729 + task)
+            features, _ = self.mixtures.sample(list(classes), self.head_fisher_samples, generator)
+            weight_sum, bias_sum, count = head_fisher(head, features, list(classes))
+        scale = 1.0 / count if count else 0.0
+        return {"weight": self.prior + weight_sum * scale, "bias": self.prior + bias_sum * scale}
+
+    # -- penalty --------------------------------------------------------------------------------------
+    def curvature(self, device: torch.device) -> dict[str, Tensor]:
+        """``F̄_<t`` (ITA) or ``F̄_≤t`` (IEL) on ``device``."""
+        if self._curvature is None or next(iter(self._curvature.values())).device != device:
+            mean = self.accumulator.curvature(include_current=self.algorithm == "iel")
+            self._curvature = {k: v.to(device) for k, v in mean.items()}
+        return self._curvature
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        deltas = self._deltas(pl_module)
+        params = dict(deltas.named_parameters())
+        value, grads = delta_penalty(deltas, self.curvature(pl_module.device), self.algorithm, self.strength)
+        head_value, head_grads = self._head_penalty(pl_module, trainer)
+        head = pl_module.backbone.get_classifier()
+        params.update({f"head.{k}": v for k, v in head.named_parameters()})
+        grads.update({f"head.{k}": v for k, v in head_grads.items()})
+        if self.penalty_mode == "decoupled":
+            group = optimizer.param_groups[0]
+            factor = group["lr"] / group.get("initial_lr", group["lr"]) if group["lr"] else 0.0
+            decoupled_step(params, grads, factor, self.max_grad_norm)
+        else:
+            for key, grad in grads.items():
+                param = params[key]
+                param.grad = grad.clone() if param.grad is None else param.grad + grad
+        pl_module.log("train/penalty", value, on_step=True, on_epoch=False)
+        pl_module.log("train/head_penalty", head_value, on_step=True, on_epoch=False)
+
+    def _head_penalty(self, pl_module: L.LightningModule, trainer: L.Trainer) -> tuple[Tensor, dict[str, Tensor]]:
+        """``λ_F Σ F_head (h_t − h̃_t)² + λ_2 ‖h_t − h̃_t‖²`` on task t's rows, and its gradient."""
+        head = pl_module.backbone.get_classifier()
+        k = self._classes_per_task(trainer)
+        rows = slice(self.task * k, (self.task + 1) * k)
+        device, dtype = head.weight.device, head.weight.dtype
+        target = {n: v[rows].to(device, dtype) for n, v in self.pretuned_head.items()}
+        fisher = {n: v[rows].to(device, dtype) for n, v in self.head_curvature.items()}
+        with torch.enable_grad():
+            weight = head.weight[rows].detach().requires_grad_()
+            bias = head.bias[rows].detach().requires_grad_()
+            value = head_penalty(weight, bias, target["weight"], target["bias"], fisher["weight"], fisher["bias"],
+                                 self.lambda_fisher, self.lambda_l2)
+            grad_w, grad_b = torch.autograd.grad(value, [weight, bias])
+        full_w, full_b = torch.zeros_like(head.weight), torch.zeros_like(head.bias)
+        full_w[rows], full_b[rows] = grad_w, grad_b
+        return value.detach(), {"weight": full_w, "bias": full_b}
+
+    # -- end of fit -----------------------------------------------------------------------------------
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        deltas = self._deltas(pl_module)
+        if deltas.current_task < 0:
+            return
+        deltas.bank()
+        directory = self.save_dir or trainer.log_dir or trainer.default_root_dir
+        if trainer.is_global_zero and directory:
+            os.makedirs(directory, exist_ok=True)
+            meta = {"algorithm": self.algorithm, "strength": str(self.strength), "penalty_mode": self.penalty_mode}
+            save_deltas(deltas, os.path.join(directory, "deltas.safetensors"), metadata=meta)
+            fisher = self.accumulator.curvature(include_current=True)
+            save_file({k: v.contiguous().cpu() for k, v in fisher.items()}, os.path.join(directory, "fisher.safetensors"),
+                      metadata={"kind": "mean diagonal Fisher at θ0 over all tasks, prior included",
+                                "estimators": ",".join(self.accumulator.estimators), "prior": str(self.prior),
+                                "examples": str(self.accumulator.past_count + self.accumulator.current_count),
+                                **{k: str(v) for k, v in self.fisher_config.items()}})
+            save_file({k: v.contiguous() for k, v in self.pretuned_head.items()},
+                      os.path.join(directory, "pretuned_head.safetensors"))
+            rank_zero_info(f"[{self.algorithm.upper()}] deltas, Fisher and pre-tuned head saved in {directory}")
+
+    # -- checkpointing --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "task": self.task,
+            "accumulator": self.accumulator.get_extra_state(),
+            "mixtures": None if self.mixtures is None else self.mixtures.state_dict(),
+            "pretuned_head": self.pretuned_head,
+            "head_curvature": self.head_curvature,
+            "pretuning": asdict(self.pretuning),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.task = state_dict["task"]
+        self.accumulator.set_extra_state(state_dict["accumulator"])
+        mixtures = state_dict["mixtures"]
+        self.mixtures = None if mixtures is None else ClassMixtures.from_state_dict(mixtures)
+        self.pretuned_head = state_dict["pretuned_head"]
+        self.head_curvature = state_dict["head_curvature"]
+        self._curvature = None
+
+
+class ITA(SecondOrder):
+    """Incremental Task Arithmetic: train each delta on its own (``θ0 + τ_t``), penalised by ``F̄_<t``.
+
+    Args:
+        alpha: strength ``α`` of ``(α/2) Σ F̄_<t ⊙ τ_t²`` (0.02 on Split CIFAR-100, 5.0 on CropDisease).
+        **kwargs: see :class:`SecondOrder` (head penalty, delta style, Fisher estimator, pre-tuning, …).
+    """
+
+    algorithm = "ita"
+
+    def __init__(self, alpha: float = 0.02, **kwargs: Any) -> None:
+        super().__init__(strength=alpha, **kwargs)
+
+    def training_composition(self, task: int) -> dict[int, float]:
+        return {task: 1.0}
+
+    def _head_fisher_classes(self, task: int, classes_per_task: int) -> range:
+        return range((task + 1) * classes_per_task)
+
+
+class IEL(SecondOrder):
+    """Incremental Ensemble Learning: train the uniform composition, penalise its Jensen gap with ``F̄_≤t``.
+
+    Args:
+        beta: strength ``β`` of ``β [½ (1 − 1/T) Σ F̄ τ² − (1/T) Σ F̄ τ P]`` (20 on Split CIFAR-100).
+        **kwargs: see :class:`SecondOrder`.
+    """
+
+    algorithm = "iel"
+
+    def __init__(self, beta: float = 20.0, **kwargs: Any) -> None:
+        super().__init__(strength=beta, **kwargs)
+
+    def training_composition(self, task: int) -> dict[int, float]:
+        return dict(uniform(range(task + 1)).weights)
+
+    def _head_fisher_classes(self, task: int, classes_per_task: int) -> range:
+        return range(task * classes_per_task)
