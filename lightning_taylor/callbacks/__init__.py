@@ -1,7 +1,8 @@
 """Lightning callbacks that add ITA / IEL and continual evaluation to a Lightning project."""
 
+from lightning_taylor.callbacks.baselines import LinearProbe, SequentialFineTuning
 from lightning_taylor.callbacks.continual_evaluation import ContinualEvaluation
 from lightning_taylor.callbacks.pretuning import PreTuning
 from lightning_taylor.callbacks.second_order import IEL, ITA, SecondOrder
 
-__all__ = ["ContinualEvaluation", "IEL", "ITA", "PreTuning", "SecondOrder"]
+__all__ = ["ContinualEvaluation", "IEL", "ITA", "LinearProbe", "PreTuning", "SecondOrder", "SequentialFineTuning"]

@@ -66,7 +66,31 @@ def _shard(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
 
 
 class SecondOrder(L.Callback):
-    """Shared machinery of :class:`ITA` and :class:`IEL` (see the module docstring)."""
+    """Shared machinery of :class:`ITA` and :class:`IEL` (see the module docstring).
+
+    Args:
+        strength: α (ITA) or β (IEL).
+        lambda_fisher: λ_F of the head penalty ``λ_F Σ F_head (h_t − h̃_t)² + λ_2 ‖h_t − h̃_t‖²``;
+            ``None`` = ``strength``.
+        lambda_l2: λ_2 of the head penalty.
+        penalty_mode: ``"decoupled"`` (``θ ← θ − s·clip(∂R/∂θ)`` before each optimiser step, the reference)
+            or ``"coupled"`` (``∂R/∂θ`` added to the gradients, as if ``R`` were in the loss).
+        max_grad_norm: per-tensor clipping of the decoupled step.
+        style: delta style, ``"lora"``, ``"full"`` or ``"ia3"``.
+        rank: LoRA rank ``r``.
+        targets: glob patterns of the ``nn.Linear`` layers that get deltas.
+        qkv_rank_factor: LoRA rank multiplier of the ``qkv`` projections.
+        fisher_estimator: ``"exact"``, ``"mc"``, ``"topk"`` or ``"empirical"`` (see :mod:`lightning_taylor.fisher`).
+        fisher_samples: sampled labels per example for ``"mc"``.
+        fisher_top_k: classes kept by ``"topk"``.
+        fisher_batch_size: batch size of the task-boundary passes (features and Fisher).
+        prior: ε added to every mean Fisher.
+        pretuning: head pre-tuning settings (METHOD.md §5).
+        head_fisher_samples: synthetic features per class for the head's Fisher.
+        seed: seeds the slot initialisation, pre-tuning and synthetic features (identical on every rank).
+        save_dir: where deltas, Fisher and pre-tuned head are saved at the end of ``fit``; ``None`` = the
+            logger's directory.
+    """
 
     algorithm: ClassVar[Algorithm]
 
@@ -86,7 +110,7 @@ class SecondOrder(L.Callback):
         fisher_top_k: int = 10,
         fisher_batch_size: int = 32,
         prior: float = 1e-5,
-        pretuning: PreTuning | None = None,
+        pretuning: PreTuning = PreTuning(),  # noqa: B008 (a frozen-by-convention settings record)
         head_fisher_samples: int = 256,
         seed: int = 0,
         save_dir: str | None = None,
@@ -108,7 +132,7 @@ class SecondOrder(L.Callback):
         self.delta_config = dict(style=style, rank=rank, targets=tuple(targets), qkv_rank_factor=qkv_rank_factor, seed=seed)
         self.fisher_config = dict(estimator=fisher_estimator, samples=fisher_samples, top_k=fisher_top_k)
         self.fisher_batch_size, self.prior = fisher_batch_size, prior
-        self.pretuning = pretuning or PreTuning()
+        self.pretuning = pretuning
         self.head_fisher_samples, self.seed, self.save_dir = head_fisher_samples, seed, save_dir
         # State carried by checkpoints (see state_dict).
         self.task = -1
@@ -166,7 +190,7 @@ class SecondOrder(L.Callback):
         task_classes = range(task * k, (task + 1) * k)
         rank_zero_info(f"[{self.algorithm.upper()}] task {task}: classes {task_classes.start}..{task_classes.stop - 1}")
         deltas.begin_task(task)
-        loader = trainer.datamodule.task_dataloader(task, "train")
+        loader = trainer.datamodule.task_dataloader(task, "train", batch_size=self.fisher_batch_size)
 
         with deltas.disabled():
             features, labels = extract_features(backbone, loader, pl_module.device)
@@ -279,10 +303,16 @@ class SecondOrder(L.Callback):
                       metadata={"kind": "mean diagonal Fisher at θ0 over all tasks, prior included",
                                 "estimators": ",".join(self.accumulator.estimators), "prior": str(self.prior),
                                 "examples": str(self.accumulator.past_count + self.accumulator.current_count),
-                                **{k: str(v) for k, v in self.fisher_config.items()}})
+                                **self._fisher_settings()})
             save_file({k: v.contiguous() for k, v in self.pretuned_head.items()},
                       os.path.join(directory, "pretuned_head.safetensors"))
             rank_zero_info(f"[{self.algorithm.upper()}] deltas, Fisher and pre-tuned head saved in {directory}")
+
+    def _fisher_settings(self) -> dict[str, str]:
+        """The estimator and the settings that matter for it (recorded with every saved Fisher)."""
+        config = self.fisher_config
+        relevant = {"mc": ("samples",), "topk": ("top_k",)}.get(config["estimator"], ())
+        return {"estimator": config["estimator"], **{k: str(config[k]) for k in relevant}}
 
     # -- checkpointing --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
