@@ -52,7 +52,7 @@ class IncrementalViT(L.LightningModule):
         epochs_per_task: length of a task, for the per-task cosine schedule (linked to the data module).
         lr: AdamW learning rate of the deltas and the head.
         weight_decay: AdamW weight decay.
-        seed: seeds the head initialisation.
+        seed: seeds the head initialisation; ``None`` follows ``seed_everything`` (``torch.initial_seed()``).
     """
 
     def __init__(
@@ -65,7 +65,7 @@ class IncrementalViT(L.LightningModule):
         epochs_per_task: int = 5,
         lr: float = 3e-4,
         weight_decay: float = 0.0,
-        seed: int = 0,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         check_positive_int("num_classes", num_classes)
@@ -76,6 +76,7 @@ class IncrementalViT(L.LightningModule):
         check_non_negative("lr", lr)
         check_non_negative("weight_decay", weight_decay)
         self.save_hyperparameters()
+        seed = torch.initial_seed() % 2**31 if seed is None else seed
         self.backbone = create_backbone(model_name, pretrained, num_classes, model_kwargs, seed)
         self.backbone.requires_grad_(False)
         self.head.requires_grad_(True)

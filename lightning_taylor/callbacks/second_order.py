@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_taylor._checks import check_choice, check_non_negative, check_positive_int
+from lightning_taylor._checks import check_choice, check_non_negative, check_non_negative_int, check_positive_int
 from lightning_taylor.alignment import ClassMixtures, head_fisher
 from lightning_taylor.callbacks.pretuning import PreTuning, extract_features, pretune_head
 from lightning_taylor.deltas import DEFAULT_TARGETS, DeltaStyle, TaskDeltas, save_deltas
@@ -87,7 +87,8 @@ class SecondOrder(L.Callback):
         prior: ε added to every mean Fisher.
         pretuning: head pre-tuning settings (METHOD.md §5).
         head_fisher_samples: synthetic features per class for the head's Fisher.
-        seed: seeds the slot initialisation, pre-tuning and synthetic features (identical on every rank).
+        seed: seeds the slot initialisation, pre-tuning and synthetic features (identical on every rank);
+            ``None`` follows ``seed_everything`` (the ``PL_GLOBAL_SEED`` environment variable, else 0).
         save_dir: where deltas, Fisher and pre-tuned head are saved at the end of ``fit``; ``None`` = the
             logger's directory.
     """
@@ -112,7 +113,7 @@ class SecondOrder(L.Callback):
         prior: float = 1e-5,
         pretuning: PreTuning = PreTuning(),  # noqa: B008 (a frozen-by-convention settings record)
         head_fisher_samples: int = 256,
-        seed: int = 0,
+        seed: int | None = None,
         save_dir: str | None = None,
     ) -> None:
         check_non_negative("strength", strength)
@@ -129,11 +130,13 @@ class SecondOrder(L.Callback):
         self.lambda_fisher = float(strength if lambda_fisher is None else lambda_fisher)
         self.lambda_l2 = float(lambda_l2)
         self.penalty_mode, self.max_grad_norm = penalty_mode, float(max_grad_norm)
-        self.delta_config = dict(style=style, rank=rank, targets=tuple(targets), qkv_rank_factor=qkv_rank_factor, seed=seed)
         self.fisher_config = dict(estimator=fisher_estimator, samples=fisher_samples, top_k=fisher_top_k)
         self.fisher_batch_size, self.prior = fisher_batch_size, prior
         self.pretuning = pretuning
+        if seed is not None:
+            check_non_negative_int("seed", seed)
         self.head_fisher_samples, self.seed, self.save_dir = head_fisher_samples, seed, save_dir
+        self.delta_config = dict(style=style, rank=rank, targets=tuple(targets), qkv_rank_factor=qkv_rank_factor)
         # State carried by checkpoints (see state_dict).
         self.task = -1
         self.accumulator = FisherAccumulator(prior)
@@ -144,8 +147,10 @@ class SecondOrder(L.Callback):
 
     # -- set-up ---------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if self.seed is None:  # follow seed_everything, resolved when the run starts
+            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
         if getattr(pl_module, "task_deltas", None) is None:
-            pl_module.task_deltas = TaskDeltas(pl_module.backbone, **self.delta_config)
+            pl_module.task_deltas = TaskDeltas(pl_module.backbone, seed=self.seed, **self.delta_config)
         if not self.pretuned_head:
             head = pl_module.backbone.get_classifier()
             self.pretuned_head = {k: v.detach().float().cpu().clone() for k, v in head.state_dict().items()}
@@ -197,7 +202,13 @@ class SecondOrder(L.Callback):
         head = nn.Linear(features.shape[1], self.pretuned_head["weight"].shape[0])
         head.load_state_dict(self.pretuned_head)
         self.mixtures = pretune_head(head, self.mixtures, features, labels, task_classes, task, self.pretuning, self.seed)
-        self.pretuned_head = {k_: v.detach().clone() for k_, v in head.state_dict().items()}
+        # Pre-tuning is deterministic, but features computed on different devices may differ in the last bits:
+        # every rank takes rank zero's head and mixtures, so all ranks train against the same h̃.
+        pretuned, mixtures = trainer.strategy.broadcast(
+            ({k_: v.detach().clone() for k_, v in head.state_dict().items()}, self.mixtures.state_dict()), src=0)
+        self.pretuned_head = pretuned
+        self.mixtures = ClassMixtures.from_state_dict(mixtures)
+        head.load_state_dict(pretuned)
 
         fisher = self._backbone_fisher(trainer, pl_module, task_classes.stop, loader)
         self.accumulator.set_task(task, fisher)
