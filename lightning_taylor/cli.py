@@ -4,9 +4,16 @@
 ``--ckpt_path`` resumes mid-stream; ``--print_config`` shows every option. The trainer's epoch schedule
 follows from the data: ``max_epochs = num_tasks × epochs_per_task``, data reloaded and the model validated
 at every task boundary. These are linked, so setting them by hand is refused.
+
+``lightning-taylor edit RUN [--drop K ...] [--keep K ...] [--factor K=M ...] [--layer-factor 'PATTERN:K=M']
+[--mask-removed] [--export FILE]`` edits a finished run's composition (unlearning, specialisation,
+reweighting), prints and saves the per-task accuracy before and after, and optionally exports the merged
+model for plain timm; see :mod:`lightning_taylor.edit` (``lightning-taylor edit --help``).
 """
 
 from __future__ import annotations
+
+import sys
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -53,6 +60,11 @@ def cli(args: list[str] | None = None, run: bool = True) -> TaylorCLI:
 
 def main() -> None:
     """Console-script entry point (returns nothing, so the exit status is 0)."""
+    if sys.argv[1:2] == ["edit"]:  # a plain subcommand next to LightningCLI's fit / validate / test / ...
+        from lightning_taylor.edit import main as edit_main
+
+        edit_main(sys.argv[2:])
+        return
     cli()
 
 

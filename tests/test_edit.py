@@ -1,0 +1,236 @@
+"""Editing a finished run (lightning_taylor.edit): loading, the edit algebra, masking, export, the CLI."""
+
+import json
+import math
+import subprocess
+import sys
+
+import lightning as L
+import pytest
+import timm
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from lightning_taylor import cli as cli_module
+from lightning_taylor.callbacks import ITA, PreTuning
+from lightning_taylor.data import TaskStreamDataModule
+from lightning_taylor.deltas import save_deltas
+from lightning_taylor.edit import Edit, apply_edit, evaluate, export, load_run, predict, removed_tasks
+from lightning_taylor.editing import uniform
+from lightning_taylor.module import IncrementalViT
+
+TINY = dict(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2, in_chans=1)
+FAST_PRETUNING = PreTuning(probe_epochs=1, align_epochs=1, align_epochs_per_task=0, samples_per_class=16)
+TASKS = 3  # trained tasks out of the stream's 5
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread is faster than two cores shared with other processes (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, one_thread):
+    """A tiny ITA run over 3 of 5 digit tasks, with large random deltas so that no edit passes vacuously."""
+    root = tmp_path_factory.mktemp("run")
+    L.seed_everything(0, verbose=False)
+    data = TaskStreamDataModule("digits", num_tasks=5, epochs_per_task=1, batch_size=32, image_size=16,
+                                eval_batch_size=512)
+    model = IncrementalViT("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY, num_classes=10,
+                           classes_per_task=2, epochs_per_task=1, lr=1e-2)
+    callback = ITA(1.0, rank=2, pretuning=FAST_PRETUNING, head_fisher_samples=8, fisher_estimator="empirical",
+                   save_dir=str(root))
+    trainer = L.Trainer(max_epochs=TASKS, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0,
+                        limit_train_batches=1, limit_val_batches=0, enable_progress_bar=False, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=root,
+                        callbacks=[callback])
+    trainer.fit(model, data)
+    deltas = model.task_deltas
+    assert deltas.banked_tasks == [0, 1, 2] and deltas.current_task == 2
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for _, delta, _ in deltas.layers():
+            for task in (0, 1):
+                for value in delta.task_state(task).values():
+                    value.copy_(0.3 * torch.randn(value.shape, generator=generator))
+            for value in delta.slot_state().values():
+                value.copy_(0.3 * torch.randn(value.shape, generator=generator))
+    deltas.bank()  # task 2 lives in the slot (as in a checkpoint saved during fit) and in the bank
+    trainer.save_checkpoint(root / "checkpoints" / "last.ckpt")
+    save_deltas(deltas, root / "deltas.safetensors", metadata={"algorithm": "ita", "strength": "1.0"})
+    return root
+
+
+@pytest.fixture(scope="module")
+def run(run_dir):
+    return load_run(run_dir)
+
+
+@pytest.fixture(scope="module")
+def images(run):
+    return torch.stack([run.datamodule.tasks_dataset(range(TASKS), "test")[i][0] for i in range(0, 96, 3)])
+
+
+def hand_built(run, weights_of_layer) -> torch.nn.Module:
+    """A plain timm model with W0 + Σ_s w_s τ_s written into each target layer (no hooks)."""
+    plain = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=10, **TINY).eval()
+    plain.load_state_dict(run.model.backbone.state_dict())
+    with torch.no_grad():
+        for name in run.deltas.names:
+            for task, w in weights_of_layer(name).items():
+                plain.get_submodule(name).weight += w * run.deltas.task_delta(name, task)
+    return plain
+
+
+def logits_of(run, composition, images, mask=None):
+    return predict(run.model, [(images, torch.zeros(len(images)))], composition, mask)[0]
+
+
+def test_load_run_reproduces_the_composed_logits(run_dir, run, images):
+    assert (run.deltas.style, run.deltas.rank, run.deltas.qkv_rank_factor) == ("lora", 2, 3)
+    assert run.tasks == [0, 1, 2] and run.info == {"algorithm": "ita", "strength": "1.0"}
+    assert run.model_kwargs == {**TINY, "num_classes": 10} and run.datamodule.image_size == 16
+    composed = logits_of(run, uniform(run.tasks), images)
+    reference = hand_built(run, lambda name: {t: 1 / 3 for t in range(TASKS)})(images)
+    torch.testing.assert_close(composed, reference, rtol=1e-5, atol=1e-5)
+    # the deltas file gives the same model
+    from_file = load_run(run_dir, deltas=run_dir / "deltas.safetensors")
+    torch.testing.assert_close(logits_of(from_file, uniform(from_file.tasks), images), composed, rtol=0, atol=0)
+    # evaluation covers the seen tasks, and matches accuracies computed by hand
+    result = evaluate(run.model, run.datamodule)
+    assert len(result["class_il"]) == len(result["task_il"]) == TASKS
+    logits, targets = predict(run.model, [next(iter(torch.utils.data.DataLoader(
+        run.datamodule.tasks_dataset(range(TASKS), "test"), batch_size=10_000)))], uniform(run.tasks))
+    correct = logits[:, : 2 * TASKS].argmax(1) == targets
+    for task in range(TASKS):
+        assert result["class_il"][task] == pytest.approx(correct[targets // 2 == task].double().mean().item())
+
+
+def test_edit_algebra():
+    tasks = [0, 1, 2, 3]
+    assert Edit(drop=(1,)).composition(tasks).weights == {0: 0.25, 1: 0.0, 2: 0.25, 3: 0.25}
+    assert Edit(drop=(1,), renormalise=True).composition(tasks).weights == pytest.approx({0: 1 / 3, 1: 0, 2: 1 / 3, 3: 1 / 3})
+    assert Edit(keep=(0, 2)).composition(tasks).weights == pytest.approx({0: 0.5, 1: 0, 2: 0.5, 3: 0})
+    assert Edit(keep=(0, 2), drop=(2,)).composition(tasks).weights == pytest.approx({0: 0.5, 1: 0, 2: 0, 3: 0})
+    assert Edit(factors={3: 2.0}).composition(tasks).weights == {0: 0.25, 1: 0.25, 2: 0.25, 3: 0.5}
+    comp = Edit(layer_factors=(("blocks.0.*", {1: 0.0}),)).composition(tasks)
+    assert comp.for_layer("blocks.0.mlp.fc1") == {0: 0.25, 1: 0.0, 2: 0.25, 3: 0.25}
+    assert comp.for_layer("blocks.1.mlp.fc1") == {0: 0.25, 1: 0.25, 2: 0.25, 3: 0.25}
+    layers = ["blocks.0.mlp.fc1", "blocks.1.mlp.fc1"]
+    assert removed_tasks(comp, layers) == []
+    assert removed_tasks(Edit(layer_factors=(("blocks.*", {1: 0.0}),)).composition(tasks), layers) == [1]
+    assert removed_tasks(Edit(keep=(3,)).composition(tasks), layers) == [0, 1, 2]
+    assert Edit(drop=(1,), mask_removed=True).name == "drop1_mask"
+    with pytest.raises(ValueError, match="Unknown"):
+        Edit(drop=(7,)).composition(tasks)
+
+
+@pytest.mark.parametrize("k", range(TASKS))
+def test_dropping_a_task_equals_composing_without_it(run, images, k):
+    dropped = logits_of(run, Edit(drop=(k,)).composition(run.tasks), images)
+    reference = hand_built(run, lambda name: {t: 1 / 3 for t in range(TASKS) if t != k})(images)
+    torch.testing.assert_close(dropped, reference, rtol=1e-5, atol=1e-5)
+    assert (dropped - logits_of(run, uniform(run.tasks), images)).abs().max() > 1e-2  # not vacuous
+    kept = logits_of(run, Edit(keep=(k,)).composition(run.tasks), images)
+    torch.testing.assert_close(kept, hand_built(run, lambda name: {k: 1.0})(images), rtol=1e-5, atol=1e-5)
+
+
+def test_per_layer_factors(run, images):
+    edit = Edit(factors={0: 2.0}, layer_factors=(("blocks.0.*", {1: 0.0, 2: 0.5}),))
+    edited = logits_of(run, edit.composition(run.tasks), images)
+    expected = hand_built(run, lambda name: {0: 2 / 3, 1: 0.0, 2: 1 / 6} if name.startswith("blocks.0.")
+                          else {0: 2 / 3, 1: 1 / 3, 2: 1 / 3})(images)
+    torch.testing.assert_close(edited, expected, rtol=1e-5, atol=1e-5)
+    assert apply_edit(run, edit).removed == []
+
+
+def test_masking_makes_removed_classes_impossible(run, images):
+    masked = apply_edit(run, Edit(drop=(1,), mask_removed=True))
+    plain = apply_edit(run, Edit(drop=(1,)))
+    assert masked.removed == plain.removed == [1]
+    assert masked.masked_classes == [2, 3] and plain.masked_classes == []
+    assert masked.before == plain.before and masked.after["class_il"][1] == 0.0
+    assert math.isnan(masked.after["task_il"][1]) and not math.isnan(plain.after["task_il"][1])
+    for task in (0, 2):  # masking can only help the other tasks
+        assert masked.after["class_il"][task] >= plain.after["class_il"][task]
+    composition = masked.composition
+    logits = logits_of(run, composition, images, mask=[2, 3])
+    assert torch.isneginf(logits[:, [2, 3]]).all()
+    assert not set(logits.argmax(1).tolist()) & {2, 3}
+    torch.testing.assert_close(logits[:, [0, 1, 4, 5]], logits_of(run, composition, images)[:, [0, 1, 4, 5]])
+
+
+PLAIN_LOADER = """
+import json, sys
+import safetensors
+import safetensors.torch
+import timm
+import torch
+
+model_path, inputs_path, out_path = sys.argv[1:]
+with safetensors.safe_open(model_path, "pt") as f:
+    meta = f.metadata()
+model = timm.create_model(meta["model_name"], pretrained=False, **json.loads(meta["model_kwargs"])).eval()
+model.load_state_dict(safetensors.torch.load_file(model_path))
+with torch.no_grad():
+    logits = model(safetensors.torch.load_file(inputs_path)["x"])
+safetensors.torch.save_file({"logits": logits}, out_path)
+print(json.dumps(sorted(m for m in sys.modules if m.split(".")[0] in ("lightning", "lightning_taylor", "pytorch_lightning"))))
+"""
+
+
+def test_export_loads_with_plain_timm_in_a_fresh_process(run, images, tmp_path):
+    edit = Edit(drop=(1,), layer_factors=(("blocks.1.*", {0: 0.5}),), mask_removed=True)
+    composition = edit.composition(run.tasks)
+    path = export(run, tmp_path / "merged.safetensors", composition, [2, 3])
+    expected = logits_of(run, composition, images, mask=[2, 3])
+    # the model is back to the unmasked head and the hooks still compose (export does not merge in place)
+    assert not run.deltas.merged and torch.isfinite(logits_of(run, composition, images)).all()
+    save_file({"x": images.contiguous()}, tmp_path / "x.safetensors")
+    script = tmp_path / "load.py"
+    script.write_text(PLAIN_LOADER)
+    done = subprocess.run([sys.executable, str(script), str(path), str(tmp_path / "x.safetensors"),
+                           str(tmp_path / "out.safetensors")], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []  # nothing of ours or Lightning's was imported
+    logits = load_file(tmp_path / "out.safetensors")["logits"]
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)  # -inf in the masked columns on both sides
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert json.loads(meta["masked_classes"]) == [2, 3] and meta["classes_per_task"] == "2"
+    assert json.loads(meta["composition"]) == pytest.approx({"0": 1 / 3, "1": 0.0, "2": 1 / 3})
+    assert json.loads(meta["layer_factors"]) == [["blocks.1.*", {"0": 0.5}]]
+    assert len(json.loads(meta["class_names"])) == 10
+
+
+def test_cli_edit_end_to_end(run_dir, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    monkeypatch.setattr(sys, "argv", ["lightning-taylor", "edit", str(run_dir / "checkpoints" / "last.ckpt"),
+                                      "--drop", "1", "--factor", "0=0.5", "--layer-factor", "blocks.0.*:2=0",
+                                      "--mask-removed", "--output-dir", str(out), "--export",
+                                      str(out / "merged.safetensors")])
+    cli_module.main()
+    printed = capsys.readouterr().out
+    assert "class-IL before" in printed and "removed" in printed
+    rows = (out / "edit_accuracy.csv").read_text().splitlines()
+    assert rows[0].split(",")[:4] == ["task", "coefficient", "removed", "class_il_before"]
+    assert [r.split(",")[0] for r in rows[1:]] == ["0", "1", "2", "average"]
+    summary = json.loads((out / "edit.json").read_text())
+    assert summary["removed_tasks"] == [1] and summary["masked_classes"] == [2, 3]
+    assert summary["composition"] == pytest.approx({"0": 1 / 6, "1": 0.0, "2": 1 / 3})
+    assert summary["after"]["class_il"][1] == 0.0
+    assert (out / "merged.safetensors").stat().st_size > 0
+
+
+def test_cli_rejects_bad_factors(run_dir):
+    from lightning_taylor.edit import main
+
+    with pytest.raises(ValueError, match="TASK=FACTOR"):
+        main([str(run_dir), "--factor", "0:0.5"])
+    with pytest.raises(ValueError, match="PATTERN:TASK=FACTOR"):
+        main([str(run_dir), "--layer-factor", "1=0"])
