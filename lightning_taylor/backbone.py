@@ -64,7 +64,11 @@ def create_backbone(
         path = embedded_weights() if pretrained == EMBEDDED else Path(pretrained)
         if not path.is_file():
             raise expected("pretrained", "True, False, 'embedded' or the path of an existing weights file", pretrained)
-        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), **kwargs)
+        overlay: dict[str, Any] = {"file": str(path)}
+        if "in_chans" in kwargs and isinstance(kwargs.get("img_size"), int):
+            # Describe the file's real input, so timm does not warn about (or adapt) the stem's channels.
+            overlay["input_size"] = (kwargs["in_chans"], kwargs["img_size"], kwargs["img_size"])
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     elif isinstance(pretrained, bool):
         model = timm.create_model(name, pretrained=pretrained, **kwargs)
     else:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 METHODS = {
     "ITA": "configs/digits/ita.yaml",
+    "ITA, Monte-Carlo Fisher (K = 1)": "configs/digits/ita_mc.yaml",
     "IEL": "configs/digits/iel.yaml",
     "Task arithmetic (α = 0)": "configs/digits/baselines/task_arithmetic.yaml",
     "Sequential fine-tuning (one delta)": "configs/digits/baselines/sequential.yaml",
