@@ -328,7 +328,7 @@ def accuracies(logits: Tensor, targets: Tensor, num_tasks: int, classes_per_task
     seen = int(targets.max()) // classes_per_task + 1
     metric = ContinualAccuracy(num_tasks, classes_per_task)
     metric.update(mask_logits(logits, mask_classes), targets, seen)
-    result = {name: [float(v) for v in values[:seen]] for name, values in metric.compute().items()}
+    result = {name: [float(v) for v in values.reshape(-1)[:seen]] for name, values in metric.compute().items()}
     masked = set(mask_classes)
     for task in range(seen):
         if set(range(task * classes_per_task, (task + 1) * classes_per_task)) <= masked:

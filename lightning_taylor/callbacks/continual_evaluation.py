@@ -88,7 +88,7 @@ class ContinualEvaluation(L.Callback):
         seen = self._seen_tasks(trainer)
         results = self.metric.compute()  # reduced across processes
         for name in SETTINGS:
-            accuracies = [float(a) for a in results[name][:seen]]
+            accuracies = [float(a) for a in results[name].reshape(-1)[:seen]]  # torchmetrics squeezes 1 task
             pl_module.log(f"{stage}/{name}/avg_acc", sum(accuracies) / seen, sync_dist=False)
             for task, acc in enumerate(accuracies):
                 pl_module.log(f"{stage}/{name}/task{task}", acc, sync_dist=False)
