@@ -42,6 +42,9 @@ class ContinualEvaluation(L.Callback):
         self.metric = ContinualAccuracy(data.num_tasks, data.classes_per_task)
 
     def _seen_tasks(self, trainer: L.Trainer) -> int:
+        """Tasks evaluated: those seen so far in validation; the whole stream in ``test``."""
+        if trainer.testing:
+            return int(trainer.datamodule.num_tasks)
         return int(trainer.datamodule.current_task) + 1
 
     def _start(self, pl_module: L.LightningModule) -> None:
@@ -81,12 +84,15 @@ class ContinualEvaluation(L.Callback):
         self._record(trainer, pl_module, "val", add_row=self._end_of_task(trainer))
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._record(trainer, pl_module, "test", add_row=False)
-        rank_zero_info(self.report())
+        accuracies = self._record(trainer, pl_module, "test", add_row=False)
+        for name, values in accuracies.items():
+            cells = "  ".join(f"task {j}: {100 * a:.2f}" for j, a in enumerate(values))
+            rank_zero_info(f"test {name} accuracy (%): {cells}  | avg {100 * sum(values) / len(values):.2f}")
 
-    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, add_row: bool) -> None:
+    def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, add_row: bool) -> dict:
         seen = self._seen_tasks(trainer)
         results = self.metric.compute()  # reduced across processes
+        per_setting = {}
         for name in SETTINGS:
             accuracies = [float(a) for a in results[name].reshape(-1)[:seen]]  # torchmetrics squeezes 1 task
             pl_module.log(f"{stage}/{name}/avg_acc", sum(accuracies) / seen, sync_dist=False)
@@ -94,8 +100,10 @@ class ContinualEvaluation(L.Callback):
                 pl_module.log(f"{stage}/{name}/task{task}", acc, sync_dist=False)
             if add_row:
                 self.matrices[name].add_row(seen - 1, accuracies)
+            per_setting[name] = accuracies
         if add_row:
             rank_zero_info(f"After task {seen - 1}:\n{self.report()}")
+        return per_setting
 
     def report(self) -> str:
         """Both accuracy matrices as text tables with average accuracy and forgetting."""
