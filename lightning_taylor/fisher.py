@@ -1,51 +1,98 @@
 """Diagonal Fisher of a classifier w.r.t. the weights and biases of its ``nn.Linear`` layers (METHOD.md §3).
 
-For a classifier with softmax outputs ``p(x)`` the true Fisher's diagonal, summed over a data set, is
+For a classifier with logits ``z(x)`` and softmax outputs ``p(x)`` over ``C`` classes, the diagonal of the
+true Fisher, *summed* over a data set, is
 
     F = Σ_x Σ_c p_c(x) · (∂ log p_c(x) / ∂θ)²          (elementwise square of per-example gradients)
 
-Every estimator here is a set of *cotangents* ``v`` on the logits, one row per example: the per-example
-gradient ``g_v(x) = J(x)ᵀ v(x)`` is formed for each, squared and summed, ``F ≈ Σ_x Σ_v g_v(x)²``. Since
-``∂ log p_c / ∂z = e_c − p``:
+Every estimator is a set of ``K`` *cotangents* ``v`` on the logits of each example: the per-example
+gradient ``g_v(x) = J(x)ᵀ v`` (``J = ∂z/∂θ``) is formed for each, squared and summed:
+``F̂ = Σ_x Σ_v g_v(x)²``. Since ``∂ log p_c / ∂z = e_c − p``, the exact Fisher needs
+``Σ_v v vᵀ = Σ_c p_c (e_c − p)(e_c − p)ᵀ = diag(p) − p pᵀ``, which is also ``E_{y~p}[(e_y − p)(e_y − p)ᵀ]``.
 
-============  ====================================================  =====================================
-estimator     cotangents                                            bias and cost
-============  ====================================================  =====================================
-``exact``     ``√p_c (e_c − p)`` for every class ``c``              exact; C backward passes per batch
-``topk``      the same, only for the ``k`` classes most often       biased low (drops classes);
-              top-1 in the batch (the reference's truncation)       k backward passes
-``mc``        ``√(1/K) (e_y − p)``, ``y ~ p``, ``K`` samples        unbiased; K backward passes
-``empirical`` ``e_y − p`` with the true label ``y``                 biased (not the Fisher); 1 pass
-============  ====================================================  =====================================
+=============  ======================================  =============================================  ========
+estimator      cotangents ``v`` of one example         bias and variance                              ``K``
+=============  ======================================  =============================================  ========
+``exact``      ``√p_c (e_c − p)`` for every class c    none                                           ``C``
+``mc``         ``(e_y − p) / √S`` for ``S`` labels     unbiased, ``E[F̂] = F``; the relative error     ``S``
+               ``y ~ p(x)`` drawn per example          shrinks like ``1/√(n·S)`` over ``n`` examples
+               (``samples = S``)
+``topk``       ``√p_c (e_c − p)`` for the ``k``        biased low (drops the other classes' terms,    ``k``
+               classes most frequent among the         each ``≥ 0``); exact when ``k ≥ C``
+               examples' top-``k`` sets of the batch
+               (the reference's truncation)
+``empirical``  ``e_y − p``, ``y`` the true label       biased: the "empirical Fisher" of EWC, not     ``1``
+                                                       the Fisher (it ignores the model's p)
+=============  ======================================  =============================================  ========
 
-Per-example gradients of a linear layer applied to a token sequence are summed over tokens *before*
-squaring: with layer input ``a`` (N × in) and output cotangent ``g`` (N × out), the weight gradient is
-``gᵀ a``. The gradients are taken w.r.t. the layers' outputs only, so no parameter needs ``requires_grad``
-and nothing outside the path from the first target to the logits is differentiated.
+**Cost.** One forward per example for every estimator, then ``K`` backward rows per example (all of the
+example's cotangents in one vectorised backward), then the squaring below. The reference algorithm costs
+one forward and ``C`` separate backward passes per batch; ``mc`` with ``S = 1`` and ``empirical`` cost
+about one training step.
 
-Results are *sums* with an example count (:class:`FisherSums`); means are formed only after every
-reduction (across batches, tasks and processes), which makes 1 process and N processes agree exactly.
+**Computation.** Per (micro-)batch:
+
+1. one forward with every parameter detached and the graph starting at the target layers' inputs (no
+   parameter needs ``requires_grad``; nothing upstream of the first target layer is differentiated),
+   recording each target layer's input ``a`` (``N`` tokens × in) and output;
+2. one vectorised backward (``torch.func.vmap`` over ``torch.autograd.grad``) of all ``K`` cotangents to the
+   target outputs, giving output cotangents ``g_k`` (``N`` × out) per example. (``is_grads_batched=True``
+   would loop over the cotangents inside layer norm, GELU and attention; for the same reason the forward
+   uses PyTorch's math attention kernel when ``K > 1``.)
+3. per target layer, with tokens summed *before* squaring (the per-example gradient of a linear layer
+   applied to a sequence is ``gᵀ a``):
+
+       weight:  Σ_x Σ_k (Σ_n g_kn ⊗ a_n)²        bias:  Σ_x Σ_k (Σ_n g_kn)²
+
+   The weight term is evaluated one of two exact ways, whichever is cheaper for the layer:
+
+   * direct: the ``K`` per-example gradients ``g_kᵀ a`` (``K·N·out·in`` multiply-adds), squared and summed;
+   * Gram: ``Σ_k (Σ_n g_kn,o a_n,i)² = Σ_{n,m} G_o[n, m] · a_n,i a_m,i`` with ``G_o = Σ_k g_k,·o g_k,·oᵀ``
+     (``N × N`` per example and output unit): one large matrix product over examples and token pairs
+     whose cost (``N²·out·in``) does not grow with ``K`` — much cheaper when ``K`` is large and ``N`` small.
+
+Memory is bounded: a batch is split into micro-batches of at most ``chunk_size`` (cotangent, example)
+rows per backward (the results do not depend on it: examples are independent in eval mode), and the
+squaring into blocks of about ``_WORKSPACE`` elements.
+
+**Distributed.** Each process passes only its own shard (every example exactly once: no padded duplicates,
+which e.g. ``DistributedSampler`` adds to even out shards), then calls :meth:`FisherSums.all_reduce`, which
+sums the sums and the counts; means are formed only after that (:meth:`FisherSums.mean`), so 1 process and
+N processes give the same Fisher. ``mc`` draws its labels from ``generator``: seed it differently per
+process, or the shards reuse one stream of uniforms.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator, Literal, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 
 from lightning_taylor._checks import check_choice, check_non_negative, check_positive_int, expected
 
 Estimator = Literal["exact", "mc", "topk", "empirical"]
 
+#: Largest number of elements of one squaring block (per-example gradients or Gram matrices).
+_WORKSPACE = 1 << 22
+#: With ``chunk_size=None``: bytes of target-output cotangents one vectorised backward may produce (on a
+#: CUDA device: at least an eighth of its free memory).
+_ROWS_BYTES = 1 << 27
+
 
 @dataclass
 class FisherSums:
-    """Per-parameter sums of per-example diagonal Fisher terms over ``count`` examples."""
+    """Per-parameter sums of per-example diagonal Fisher terms over ``count`` examples.
+
+    ``estimator`` and ``settings`` (e.g. ``{"samples": 4}`` for ``mc``) record how the sums were made;
+    keep them with every saved Fisher.
+    """
 
     sums: dict[str, Tensor]
     count: int
@@ -57,12 +104,23 @@ class FisherSums:
         return {k: prior + (s / self.count if self.count else torch.zeros_like(s)) for k, s in self.sums.items()}
 
     def all_reduce(self, group: Any = None) -> FisherSums:
-        """Sum ``sums`` and ``count`` over the processes of ``group`` (no-op outside torch.distributed)."""
+        """Sum ``sums`` and ``count`` in place over the processes of ``group`` (no-op outside torch.distributed).
+
+        Every process must call it, with the same parameter names in the same order; each contributes the
+        sums over its own examples, so the reduced ``sums / count`` is the Fisher over all of them. The
+        sums are reduced as one flat buffer per dtype, the count exactly (float64 holds integers < 2**53).
+        """
         if not (dist.is_available() and dist.is_initialized()):
             return self
-        for value in self.sums.values():
-            dist.all_reduce(value, group=group)
-        count = torch.tensor([self.count], dtype=torch.float64, device=next(iter(self.sums.values())).device)
+        values = [self.sums[name] for name in sorted(self.sums)]
+        device = values[0].device if values else torch.device("cpu")
+        for dtype in sorted({v.dtype for v in values}, key=str):
+            same = [v for v in values if v.dtype == dtype]
+            flat = torch.cat([v.reshape(-1) for v in same])
+            dist.all_reduce(flat, group=group)
+            for value, reduced in zip(same, flat.split([v.numel() for v in same])):
+                value.copy_(reduced.view_as(value))
+        count = torch.tensor([self.count], dtype=torch.float64, device=device)
         dist.all_reduce(count, group=group)
         self.count = int(count.item())
         return self
@@ -70,6 +128,8 @@ class FisherSums:
 
 def _resolve(model: nn.Module, param_names: Sequence[str]) -> dict[str, tuple[str, str]]:
     """Map each parameter name to ``(linear module name, "weight" | "bias")``."""
+    if isinstance(param_names, str) or not param_names:
+        raise expected("param_names", "a non-empty list of parameter names", param_names)
     linears = {name for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     known = dict(model.named_parameters())
     resolved = {}
@@ -86,55 +146,185 @@ def _resolve(model: nn.Module, param_names: Sequence[str]) -> dict[str, tuple[st
 
 @contextlib.contextmanager
 def _capture(modules: Mapping[str, nn.Module], store: dict[str, tuple[Tensor, Tensor]]) -> Iterator[None]:
-    """Record each module's input and output during the forward (each module is called once per forward)."""
+    """Record each module's input and output during a forward.
+
+    An input that is not yet part of an autograd graph (at the first target on the path) is replaced by a
+    leaf that requires grad, so the graph starts at the first target layer. Refused, since the per-example
+    gradient would then not be ``gᵀ a``: a module called twice per forward, and an input or output that the
+    model modifies in place after the layer.
+    """
+    versions: dict[str, tuple[int, int]] = {}
+
+    def pre_hook(module: nn.Module, args: tuple[Tensor, ...]) -> tuple[Tensor, ...] | None:
+        if args[0].requires_grad:
+            return None
+        return (args[0].detach().requires_grad_(), *args[1:])
+
     def hook(name: str):
         def fn(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            if name in store:
+                raise expected("param_names", "layers called once per forward", name,
+                               "Shared layers called several times per forward are not supported.")
             store[name] = (args[0].detach(), output)
+            versions[name] = (args[0]._version, output._version)
         return fn
 
-    handles = [m.register_forward_hook(hook(name)) for name, m in modules.items()]
+    handles = []
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(pre_hook))
+        handles.append(module.register_forward_hook(hook(name)))
     try:
         yield
     finally:
         for handle in handles:
             handle.remove()
+    for name, (inputs, output) in store.items():
+        if (inputs._version, output._version) != versions[name]:
+            raise expected("param_names", "layers whose input and output are not modified in place", name,
+                           "The model changes this layer's input or output in place after the layer.")
+
+
+def _probabilities(logits: Tensor) -> Tensor:
+    """Softmax in at least float32, returned in the logits' dtype (float64 stays float64)."""
+    return logits.detach().to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1).to(logits.dtype)
+
+
+def _topk_classes(probs: Tensor, top_k: int) -> Tensor:
+    """The reference's truncation: the ``top_k`` classes most often among the examples' ``top_k`` most
+    probable classes (ties: lower class index first)."""
+    top = probs.topk(min(top_k, probs.shape[1]), dim=1).indices
+    counts = torch.bincount(top.reshape(-1), minlength=probs.shape[1])
+    return counts.argsort(descending=True, stable=True)[:top_k]
 
 
 def _cotangents(
-    logits: Tensor, labels: Tensor | None, estimator: str, samples: int, top_k: int, generator: torch.Generator | None
-) -> Iterator[Tensor]:
-    """The estimator's cotangents ``v`` (B × C) on the logits, one tensor per backward pass."""
-    # Softmax in at least float32, returned in the logits' dtype (float64 stays float64).
-    probs = logits.detach().to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1).to(logits.dtype)
+    probs: Tensor, estimator: str, classes: Tensor | None, uniforms: Tensor | None, labels: Tensor | None
+) -> Tensor:
+    """The estimator's cotangents on the logits, ``K × B × C`` (see the module docstring)."""
     num_classes = probs.shape[1]
-    eye = torch.eye(num_classes, dtype=probs.dtype, device=probs.device)
     if estimator in ("exact", "topk"):
-        classes = range(num_classes)
-        if estimator == "topk" and top_k < num_classes:
-            counts = torch.bincount(probs.argmax(dim=1), minlength=num_classes)
-            classes = counts.argsort(descending=True, stable=True)[:top_k].tolist()
-        for c in classes:
-            yield probs[:, c : c + 1].sqrt() * (eye[c] - probs)
-    elif estimator == "mc":
-        sampled = torch.multinomial(probs.double().cpu(), samples, replacement=True, generator=generator)
-        for k in range(samples):
-            yield (eye[sampled[:, k].to(probs.device)] - probs) / samples**0.5
-    else:
-        if labels is None:
-            raise expected("batches", "(x, y) pairs for the empirical estimator", "input tensors only")
-        yield eye[labels] - probs
+        chosen = torch.arange(num_classes, device=probs.device) if classes is None else classes.to(probs.device)
+        onehot = F.one_hot(chosen, num_classes).to(probs.dtype)                     # K × C
+        return probs[:, chosen].T.sqrt().unsqueeze(-1) * (onehot.unsqueeze(1) - probs)  # K × B × C
+    if estimator == "mc":
+        # Inverse-CDF sampling from uniforms drawn per batch: the same draws whatever the micro-batching.
+        cdf = probs.double().cumsum(dim=1)
+        sampled = torch.searchsorted(cdf, uniforms.to(probs.device), right=True).clamp_(max=num_classes - 1)
+        onehot = F.one_hot(sampled.T, num_classes).to(probs.dtype)                  # S × B × C
+        return (onehot - probs) / math.sqrt(sampled.shape[1])
+    labels = labels.to(probs.device)
+    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+        raise expected("batches", f"labels in [0, {num_classes})", labels.tolist())
+    return (F.one_hot(labels, num_classes).to(probs.dtype) - probs).unsqueeze(0)
 
 
-def _square_per_example(grad_out: Tensor, inputs: Tensor, attr: str) -> Tensor:
-    """``Σ_b (Σ_n g_bn ⊗ a_bn)²`` for the weight, ``Σ_b (Σ_n g_bn)²`` for the bias (tokens summed first)."""
-    batch = grad_out.shape[0]
-    g = grad_out.reshape(batch, -1, grad_out.shape[-1])
-    if attr == "bias":
-        return g.sum(dim=1).square().sum(dim=0)
-    a = inputs.reshape(batch, -1, inputs.shape[-1])
-    if g.shape[1] == 1:  # one token per example: (g a)² = g² a², a plain matrix product
-        return g[:, 0].square().T @ a[:, 0].square()
-    return torch.einsum("bno,bni->boi", g, a).square().sum(dim=0)
+def _math_attention() -> contextlib.AbstractContextManager:
+    """Selects PyTorch's math attention kernel, whose backward has vmap batching rules (the fused CPU and CUDA
+    kernels' backwards do not, so vmap would loop over the cotangents); a no-op on old PyTorch versions."""
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # PyTorch < 2.3
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def _vjp(logits: Tensor, outputs: list[Tensor], cotangents: Tensor, vectorize: list[bool]) -> list[Tensor]:
+    """``∂⟨v_k, logits⟩ / ∂output`` for every cotangent ``v_k``, stacked: ``K × output.shape`` per output
+    (zeros for an output that does not influence the logits).
+
+    One vectorised backward (``torch.func.vmap`` over the K cotangents, whose batching rules cover the
+    backward of the usual layers); where the backend lacks a rule for some operator, ``vectorize[0]`` is
+    cleared and one backward per cotangent is run instead (same values).
+    """
+    def backward(v: Tensor) -> tuple[Tensor, ...]:
+        return torch.autograd.grad(logits, outputs, v, retain_graph=True, materialize_grads=True)
+
+    if cotangents.shape[0] > 1 and vectorize[0]:
+        try:
+            return list(torch.func.vmap(backward)(cotangents))
+        except torch.OutOfMemoryError:
+            raise
+        except RuntimeError:
+            vectorize[0] = False
+    return [torch.stack(grads) for grads in zip(*(backward(v) for v in cotangents))]
+
+
+def _use_gram(rows: int, tokens: int) -> bool:
+    """Whether the Gram form is the faster one for ``K = rows`` cotangents and ``N = tokens`` tokens.
+
+    By operation counts, Gram (``N²·out·in``) beats direct (``K·N·out·in``) once ``K > N``; but direct's
+    batched product has inner dimension ``N`` and runs ever closer to peak speed as ``N`` grows, while the
+    Gram matrices are many tiny products. Measured on CPU (1-2 threads, in = 192 and 768) the crossover is
+    near ``K ≈ 0.13·N^1.5``: ``K ≈ 9`` at ``N = 17`` tokens, ``68`` at ``N = 65``, ``360`` at ``N = 197``.
+    """
+    return rows > 0.13 * tokens**1.5
+
+
+def _add_weight_squares(out: Tensor, g: Tensor, a: Tensor) -> None:
+    """``out += Σ_k Σ_b (Σ_n g[k, b, n] ⊗ a[b, n])²`` for ``g`` (K × B × N × out) and ``a`` (B × N × in).
+
+    Blocked so that no intermediate holds much more than ``_WORKSPACE`` elements.
+    """
+    rows, batch, tokens, out_features = g.shape
+    in_features = a.shape[-1]
+    if tokens == 1:  # (g a)² = g² a²: sum the squares over cotangents first, then one matrix product
+        step_b = max(1, _WORKSPACE // (rows * out_features + in_features))
+        for b0 in range(0, batch, step_b):
+            out.addmm_(g[:, b0 : b0 + step_b, 0].square().sum(dim=0).T, a[b0 : b0 + step_b, 0].square())
+        return
+    if _use_gram(rows, tokens):
+        # Σ_k (Σ_n g_kn,o a_n,i)² = Σ_{n,m} G[o, n, m] · a_n,i a_m,i with G[o] = Σ_k g_k,·o g_k,·oᵀ, the sum over
+        # examples and token pairs being one matrix product; blocked over examples, first tokens and outputs.
+        step_n = max(1, min(tokens, _WORKSPACE // (tokens * in_features)))
+        step_b = max(1, min(batch, _WORKSPACE // (step_n * tokens * in_features)))
+        for b0 in range(0, batch, step_b):
+            ab, gb = a[b0 : b0 + step_b], g[:, b0 : b0 + step_b]
+            nb = ab.shape[0]
+            step_o = max(1, _WORKSPACE // (nb * tokens * (step_n + rows)))
+            for o0 in range(0, out_features, step_o):
+                gs = gb[..., o0 : o0 + step_o].permute(3, 1, 2, 0).contiguous()                  # o × b × N × K
+                for n0 in range(0, tokens, step_n):
+                    pairs = ab[:, n0 : n0 + step_n].unsqueeze(2) * ab.unsqueeze(1)               # b × n × N × in
+                    gram = torch.matmul(gs[:, :, n0 : n0 + step_n], gs.transpose(-1, -2))        # o × b × n × N
+                    out[o0 : o0 + gs.shape[0]].addmm_(gram.view(gs.shape[0], -1), pairs.view(-1, in_features))
+        return
+    # Direct: per-example gradients g_kᵀ a (one batched product), squared in place and summed.
+    step_o = max(1, min(out_features, _WORKSPACE // (rows * in_features)))
+    step_b = max(1, _WORKSPACE // (rows * step_o * in_features))
+    for b0 in range(0, batch, step_b):
+        ab = a[b0 : b0 + step_b]
+        nb = ab.shape[0]
+        for o0 in range(0, out_features, step_o):
+            gs = g[:, b0 : b0 + nb, :, o0 : o0 + step_o]
+            no = gs.shape[-1]
+            per_example = torch.bmm(gs.permute(1, 0, 3, 2).reshape(nb, rows * no, tokens), ab)  # b × (K·o) × in
+            out[o0 : o0 + no] += per_example.square_().view(nb * rows, no, in_features).sum(dim=0)
+
+
+def _probe(model: nn.Module, modules: Mapping[str, nn.Module], params: dict[str, Tensor], x: Tensor) -> tuple[int, int]:
+    """Number of classes and bytes of all target outputs for one example (one no-grad forward of ``x[:1]``)."""
+    sizes: dict[str, int] = {}
+
+    def hook(name: str):
+        def fn(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> None:
+            sizes[name] = output.numel() * output.element_size()
+        return fn
+
+    handles = [m.register_forward_hook(hook(name)) for name, m in modules.items()]
+    try:
+        with torch.no_grad():
+            logits = functional_call(model, params, (x[:1],))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return logits.shape[-1], sum(sizes.values())
+
+
+def _split(total: int, size: int) -> list[slice]:
+    """``total`` items in equal-as-possible consecutive slices of at most ``size``."""
+    parts = max(1, math.ceil(total / size))
+    step = math.ceil(total / parts)
+    return [slice(s, min(s + step, total)) for s in range(0, total, step)]
 
 
 def diagonal_fisher(
@@ -146,46 +336,102 @@ def diagonal_fisher(
     samples: int = 1,
     top_k: int = 10,
     generator: torch.Generator | None = None,
+    chunk_size: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> FisherSums:
     """Sum of per-example diagonal Fisher terms of ``model`` over ``batches``, w.r.t. ``param_names``.
 
+    Returns ``F = Σ_x Σ_v (J(x)ᵀ v)²`` summed (not averaged) over the examples, with the estimator's
+    cotangents ``v`` (module docstring), and the number of examples: divide only after every reduction.
+
     Args:
-        model: ``model(x)`` returns logits (B × C); run in eval mode here (its mode is restored after).
+        model: ``model(x)`` returns logits (B × C); run in eval mode here (its mode is restored after), with
+            its parameters detached (none needs ``requires_grad``; none gets a ``.grad``). Pass the inner
+            module, not a DDP wrapper. Target layers take batch-first inputs (``B × … × in``).
         batches: input tensors, or ``(x, y)`` pairs (labels are used by ``empirical`` only).
         param_names: weights / biases of ``nn.Linear`` modules, as in ``model.named_parameters()``.
         estimator: ``"exact"``, ``"mc"`` (``samples`` labels per example), ``"topk"`` (``top_k`` classes)
-            or ``"empirical"`` (see the module docstring for their bias and cost).
-        generator: random source of ``mc`` sampling (CPU generator).
+            or ``"empirical"`` (see the module docstring for their formula, bias and cost).
+        generator: random source of ``mc`` sampling (a CPU generator; the global one when ``None``).
+        chunk_size: most (cotangent, example) rows back-propagated together; a batch is split into
+            micro-batches of ``max(1, chunk_size // K)`` examples for ``K`` cotangents per example (and
+            one example's cotangents into several backwards when ``K > chunk_size``); results do not
+            depend on it. ``None`` sizes it so that one backward's cotangents of the target outputs take
+            about 128 MiB (on CUDA, an eighth of the free memory).
+        progress: called after each batch with the number of examples processed so far (this process).
 
     Returns:
-        :class:`FisherSums` with one sum per name (the parameter's shape and dtype) and the example count.
+        :class:`FisherSums` with one sum per name (the parameter's shape and dtype), the example count,
+        the estimator and its settings.
     """
     check_choice("estimator", estimator, ("exact", "mc", "topk", "empirical"))
     check_positive_int("samples", samples)
     check_positive_int("top_k", top_k)
+    if chunk_size is not None:
+        check_positive_int("chunk_size", chunk_size)
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("diagonal_fisher needs autograd: call it outside torch.inference_mode().")
     resolved = _resolve(model, param_names)
     params = dict(model.named_parameters())
-    modules = {name: model.get_submodule(name) for name, _ in set(resolved.values())}
+    detached = {name: p.detach() for name, p in params.items()}  # no graph through any parameter
+    module_names = list(dict.fromkeys(module for module, _ in resolved.values()))
+    modules = {name: model.get_submodule(name) for name in module_names}
     sums = {p: torch.zeros_like(params[p], memory_format=torch.contiguous_format).detach() for p in resolved}
-    count = 0
+    count, rows, per_example, vectorize = 0, 0, 0, [True]
     was_training = model.training
     model.eval()
     try:
         for batch in batches:
             x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-            store: dict[str, tuple[Tensor, Tensor]] = {}
-            with torch.enable_grad(), _capture(modules, store):
-                if x.is_floating_point():
-                    x = x.detach().requires_grad_()
-                logits = model(x)
-            names = list(modules)
-            outputs = [store[name][1] for name in names]
-            for v in _cotangents(logits, y, estimator, samples, top_k, generator):
-                grads = torch.autograd.grad(logits, outputs, grad_outputs=v, retain_graph=True)
-                by_module = dict(zip(names, grads))
-                for pname, (module_name, attr) in resolved.items():
-                    sums[pname] += _square_per_example(by_module[module_name], store[module_name][0], attr)
-            count += logits.shape[0]
+            if estimator == "empirical" and y is None:
+                raise expected("batches", "(x, y) pairs for the empirical estimator", "input tensors only")
+            size = x.shape[0]
+            if size == 0:
+                continue
+            if not rows:  # first batch: the number of classes and the per-example size of the target outputs
+                num_classes, example_bytes = _probe(model, modules, detached, x)
+                per_example = {"exact": num_classes, "mc": samples, "topk": min(top_k, num_classes),
+                               "empirical": 1}[estimator]
+                budget = _ROWS_BYTES
+                if x.device.type == "cuda":
+                    budget = max(budget, torch.cuda.mem_get_info(x.device)[0] // 8)
+                rows = chunk_size or max(1, budget // max(1, example_bytes))
+            micro = _split(size, max(1, rows // per_example))  # micro-batches of whole examples
+            classes = uniforms = None
+            if estimator == "topk" and len(micro) > 1:  # the class choice is made on the whole batch
+                with torch.no_grad():
+                    probs = torch.cat([_probabilities(functional_call(model, detached, (x[s],))) for s in micro])
+                classes = _topk_classes(probs, top_k)
+            elif estimator == "mc":  # drawn per batch: the same labels whatever the micro-batching
+                uniforms = torch.rand(size, samples, generator=generator, dtype=torch.float64)
+            for s in micro:
+                store: dict[str, tuple[Tensor, Tensor]] = {}
+                attention = _math_attention() if per_example > 1 and rows > 1 else contextlib.nullcontext()
+                with torch.enable_grad(), _capture(modules, store), attention:
+                    logits = functional_call(model, detached, (x[s].detach(),))
+                if logits.ndim != 2:
+                    raise expected("model", "a classifier returning B × C logits", tuple(logits.shape))
+                probs = _probabilities(logits)
+                if estimator == "topk" and classes is None:  # one micro-batch: the whole batch
+                    classes = _topk_classes(probs, top_k)
+                cotangents = _cotangents(probs, estimator, classes,
+                                         None if uniforms is None else uniforms[s], None if y is None else y[s])
+                outputs = [store[name][1] for name in module_names]
+                for k0 in range(0, cotangents.shape[0], rows):  # several backwards only when K > rows
+                    grads = dict(zip(module_names, _vjp(logits, outputs, cotangents[k0 : k0 + rows], vectorize)))
+                    for pname, (module_name, attr) in resolved.items():
+                        g = grads[module_name]
+                        g = g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])  # K × b × N × out
+                        if attr == "bias":
+                            sums[pname] += g.sum(dim=2).square().sum(dim=(0, 1))
+                        else:
+                            a = store[module_name][0]
+                            _add_weight_squares(sums[pname], g, a.reshape(a.shape[0], -1, a.shape[-1]))
+                    del grads
+                del store, logits, outputs
+            count += size
+            if progress is not None:
+                progress(count)
     finally:
         model.train(was_training)
     settings = {"samples": samples} if estimator == "mc" else {"top_k": top_k} if estimator == "topk" else {}
@@ -198,6 +444,7 @@ class FisherAccumulator(nn.Module):
     ITA at task t uses ``F̄_<t = ε + Σ_{s<t} F_s / Σ_{s<t} n_s`` (only ε at t = 0); IEL uses
     ``F̄_≤t = ε + Σ_{s≤t} F_s / Σ_{s≤t} n_s``. Counts are true example counts (the reference's ITA
     normaliser counts task 0 twice; we do not). The state is checkpointed as plain tensors and numbers.
+    ``records`` keeps, per task, how its Fisher was made: ``{"task", "estimator", "count", "settings"}``.
     """
 
     def __init__(self, prior: float = 1e-5) -> None:
@@ -210,6 +457,7 @@ class FisherAccumulator(nn.Module):
         self.current_count = 0
         self.current_task = -1
         self.estimators: list[str] = []
+        self.records: list[dict[str, Any]] = []
 
     def set_task(self, task: int, fisher: FisherSums) -> None:
         """Record ``F_task``; the previous task's sums move into ``past`` first."""
@@ -223,6 +471,8 @@ class FisherAccumulator(nn.Module):
         self.current_count = fisher.count
         self.current_task = task
         self.estimators.append(fisher.estimator)
+        self.records.append({"task": task, "estimator": fisher.estimator, "count": fisher.count,
+                             "settings": dict(fisher.settings)})
 
     def curvature(self, include_current: bool) -> dict[str, Tensor]:
         """``ε + Σ F / Σ n`` over past tasks, plus the current one when ``include_current`` (IEL)."""
@@ -238,6 +488,7 @@ class FisherAccumulator(nn.Module):
         return {
             "prior": self.prior, "past": self.past, "past_count": self.past_count, "current": self.current,
             "current_count": self.current_count, "current_task": self.current_task, "estimators": self.estimators,
+            "records": self.records,
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:

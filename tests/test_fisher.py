@@ -157,3 +157,175 @@ def test_float32_model_gives_float32_sums(images):
     model = make_vit(dtype=torch.float32)
     fisher = diagonal_fisher(model, [images.float()], ["blocks.0.mlp.fc1.weight"])
     assert fisher.sums["blocks.0.mlp.fc1.weight"].dtype == torch.float32
+
+
+# --- the fast paths: both squaring forms, micro-batching, blocking, vectorised backward ------------------
+
+
+@pytest.mark.parametrize("form", ["gram", "direct"])
+def test_both_squaring_forms_match_brute_force(vit, images, monkeypatch, form):
+    import lightning_taylor.fisher as fisher_module
+
+    monkeypatch.setattr(fisher_module, "_use_gram", lambda *args: form == "gram")
+    fisher = diagonal_fisher(vit, [images[:4], images[4:]], TARGETS)
+    reference = brute_force_fisher(vit, images, TARGETS)
+    for name in TARGETS:
+        assert relative_error(fisher.sums[name], reference[name]) <= 1e-6, name
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 7, 1000])
+@pytest.mark.parametrize("estimator", ["exact", "mc", "topk"])
+def test_results_do_not_depend_on_chunking(vit, images, estimator, chunk_size):
+    """Micro-batches (chunk_size < K·B), several backwards per micro-batch (chunk_size < K) or none."""
+    kwargs = dict(estimator=estimator, samples=4, top_k=3)
+    whole = diagonal_fisher(vit, [images], TARGETS, generator=torch.Generator().manual_seed(3), **kwargs)
+    chunked = diagonal_fisher(vit, [images], TARGETS, generator=torch.Generator().manual_seed(3),
+                              chunk_size=chunk_size, **kwargs)
+    assert chunked.count == whole.count == 6
+    for name in TARGETS:
+        assert whole.sums[name].abs().max() > 0
+        torch.testing.assert_close(chunked.sums[name], whole.sums[name], rtol=1e-12, atol=1e-15)
+
+
+def test_small_workspace_blocks_give_the_same_sums(vit, images, monkeypatch):
+    import lightning_taylor.fisher as fisher_module
+
+    whole = {form: None for form in ("gram", "direct")}
+    for form in whole:
+        monkeypatch.setattr(fisher_module, "_use_gram", lambda *args, form=form: form == "gram")
+        monkeypatch.setattr(fisher_module, "_WORKSPACE", 1 << 30)
+        whole[form] = diagonal_fisher(vit, [images], TARGETS)
+        monkeypatch.setattr(fisher_module, "_WORKSPACE", 7)  # one example, token and output unit at a time
+        blocked = diagonal_fisher(vit, [images], TARGETS)
+        for name in TARGETS:
+            torch.testing.assert_close(blocked.sums[name], whole[form].sums[name], rtol=1e-12, atol=1e-15)
+    for name in TARGETS:
+        torch.testing.assert_close(whole["gram"].sums[name], whole["direct"].sums[name], rtol=1e-10, atol=1e-15)
+
+
+def test_per_cotangent_fallback_gives_the_same_sums(vit, images, monkeypatch):
+    """Where vmap lacks a batching rule, one backward per cotangent runs instead (tried once per call)."""
+    import lightning_taylor.fisher as fisher_module
+
+    vectorised = diagonal_fisher(vit, [images], TARGETS)
+    tries = []
+
+    def failing_vmap(fn):
+        def run(*args):
+            tries.append(1)
+            raise RuntimeError("Batching rule not implemented for aten::something")
+        return run
+
+    monkeypatch.setattr(fisher_module.torch.func, "vmap", failing_vmap)
+    looped = diagonal_fisher(vit, [images[:3], images[3:]], TARGETS)
+    assert len(tries) == 1
+    for name in TARGETS:
+        torch.testing.assert_close(looped.sums[name], vectorised.sums[name], rtol=1e-12, atol=1e-15)
+
+
+def test_parameters_that_require_grad_get_no_grad_and_change_nothing(images):
+    """No graph through parameters, nor through the layers before the first target."""
+    frozen = make_vit()
+    trainable = make_vit().requires_grad_(True)
+    expected_sums = diagonal_fisher(frozen, [images], TARGETS).sums
+    recorded = []  # does autograd record the layers before the first target (blocks.0.attn.qkv)?
+    for name in ("patch_embed", "blocks.0.norm1"):
+        trainable.get_submodule(name).register_forward_hook(lambda m, args, out: recorded.append(out.requires_grad))
+    fisher = diagonal_fisher(trainable, [images], TARGETS)
+    assert recorded and not any(recorded)
+    assert all(p.requires_grad and p.grad is None for p in trainable.parameters())
+    for name in TARGETS:
+        torch.testing.assert_close(fisher.sums[name], expected_sums[name], rtol=1e-12, atol=1e-15)
+
+
+def test_topk_uses_the_reference_class_choice():
+    """The k classes most often among the examples' top-k sets (not among their top-1 classes)."""
+    from lightning_taylor.fisher import _topk_classes
+
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.05, 0.3, 0.15], [0.05, 0.15, 0.3, 0.5]])
+    # top-2 sets {0, 1}, {0, 2}, {3, 2}: classes 0 and 2 twice; top-1 counting would pick 0 and 3.
+    assert _topk_classes(probs, 2).tolist() == [0, 2]
+
+
+def test_mc_settings_sampling_and_reproducibility(vit, images):
+    first = diagonal_fisher(vit, [images], TARGETS[:2], estimator="mc", samples=2, generator=torch.Generator().manual_seed(5))
+    again = diagonal_fisher(vit, [images[:2], images[2:]], TARGETS[:2], estimator="mc", samples=2,
+                            generator=torch.Generator().manual_seed(5))
+    other = diagonal_fisher(vit, [images], TARGETS[:2], estimator="mc", samples=2, generator=torch.Generator().manual_seed(6))
+    assert first.estimator == "mc" and first.settings == {"samples": 2} and first.count == 6
+    assert not torch.equal(first.sums[TARGETS[0]], other.sums[TARGETS[0]])
+    # Batches draw their uniforms in order, so splitting the data differently draws the same labels.
+    torch.testing.assert_close(again.sums[TARGETS[0]], first.sums[TARGETS[0]], rtol=1e-12, atol=1e-15)
+
+
+def test_progress_reports_examples_after_each_batch(vit, images):
+    seen = []
+    diagonal_fisher(vit, [images[:4], images[4:5], images[5:]], ["head.weight"], progress=seen.append)
+    assert seen == [4, 5, 6]
+
+
+def test_unused_layer_has_zero_fisher_and_shared_or_in_place_layers_are_refused():
+    class Net(torch.nn.Module):
+        def __init__(self, mode: str) -> None:
+            super().__init__()
+            self.mode = mode
+            self.a, self.unused, self.b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+            self.head = torch.nn.Linear(4, 2)
+
+        def forward(self, x):
+            h = self.a(x)
+            self.unused(h)  # output discarded
+            if self.mode == "in_place":
+                h.mul_(2.0)
+            h = torch.tanh(self.b(torch.tanh(h)))
+            return self.head(torch.tanh(self.b(h)) if self.mode == "shared" else h)
+
+    x = torch.randn(5, 3, dtype=torch.float64)
+    names = ["a.weight", "unused.weight", "b.weight", "head.bias"]
+    fisher = diagonal_fisher(Net("plain").double(), [x], names)
+    assert fisher.sums["unused.weight"].abs().max() == 0 and fisher.sums["a.weight"].abs().max() > 0
+    with pytest.raises(ValueError, match="`param_names`.*called once.*'b'"):
+        diagonal_fisher(Net("shared").double(), [x], names)
+    with pytest.raises(ValueError, match="`param_names`.*in place.*'a'"):
+        diagonal_fisher(Net("in_place").double(), [x], names)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(param_names=[]), "`param_names`.*non-empty"),
+        (dict(param_names=["head.weight"], chunk_size=0), "`chunk_size`.*0"),
+        (dict(param_names=["head.weight"], top_k=0), "`top_k`.*0"),
+    ],
+)
+def test_more_bad_arguments_are_named(vit, images, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        diagonal_fisher(vit, [images], **kwargs)
+
+
+def test_empirical_labels_out_of_range_and_inference_mode_are_errors(vit, images):
+    with pytest.raises(ValueError, match=r"`batches`.*labels in \[0, 5\)"):
+        diagonal_fisher(vit, [(images, torch.tensor([0, 1, 2, 3, 4, 5]))], ["head.weight"], estimator="empirical")
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        diagonal_fisher(vit, [images], ["head.weight"])
+
+
+def test_all_reduce_without_process_group_is_a_no_op():
+    fisher = _fisher(6.0, 3)
+    assert fisher.all_reduce() is fisher and fisher.count == 3
+
+
+def test_accumulator_records_estimator_count_and_settings():
+    acc = FisherAccumulator()
+    acc.set_task(0, FisherSums({"w": torch.ones(2)}, 4, "mc", {"samples": 8}))
+    acc.set_task(1, FisherSums({"w": torch.ones(2)}, 3, "exact", {}))
+    assert acc.records == [
+        {"task": 0, "estimator": "mc", "count": 4, "settings": {"samples": 8}},
+        {"task": 1, "estimator": "exact", "count": 3, "settings": {}},
+    ]
+    buffer = io.BytesIO()
+    torch.save(acc.state_dict(), buffer)
+    buffer.seek(0)
+    fresh = FisherAccumulator()
+    fresh.load_state_dict(torch.load(buffer, weights_only=True))
+    assert fresh.records == acc.records
