@@ -28,6 +28,7 @@ from typing import Any, ClassVar, Literal, Sequence
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save_file
 from torch import Tensor, nn
@@ -227,11 +228,19 @@ class SecondOrder(L.Callback):
         shard = _shard(loader, trainer.global_rank, trainer.world_size)
         batches = ((x.to(pl_module.device), y.to(pl_module.device)) for x, y in shard)
         names = [f"model.{name}.weight" for name in deltas.names]
+        # A progress bar on rank zero when the trainer shows bars (the pass can be long: C backward rows per example).
+        bar = None
+        if trainer.is_global_zero and trainer.progress_bar_callback is not None:
+            bar = Tqdm(total=len(shard.dataset), desc=f"Fisher ({self.fisher_config['estimator']})", leave=False,
+                       unit="img", dynamic_ncols=True)
         try:
             with deltas.disabled():
-                fisher = diagonal_fisher(_SeenLogits(backbone, num_seen), batches, names, **self.fisher_config)
+                fisher = diagonal_fisher(_SeenLogits(backbone, num_seen), batches, names, **self.fisher_config,
+                                         progress=None if bar is None else (lambda n: bar.update(n - bar.n)))
         finally:
             head.load_state_dict(trained_head)
+            if bar is not None:
+                bar.close()
         fisher.all_reduce()  # every rank reaches this collective; sums and counts, divided later
         fisher.sums = {name[len("model.") :]: value for name, value in fisher.sums.items()}
         rank_zero_info(f"[{self.algorithm.upper()}] Fisher ({fisher.estimator}) over {fisher.count} examples")
