@@ -166,23 +166,26 @@ def compare(args: argparse.Namespace, num_classes: int, checks: list[tuple[str, 
     errors = {name: relative_error(result, results["exact"]) for name, result in results.items()}
     checks.append((f"C = {num_classes}: exact at least as fast as the reference (ratio >= 1.0)",
                    medians["reference"] / medians["exact"] >= 1.0))
-    checks.append((f"C = {num_classes}: exact equals the reference (relative error <= 1e-5)", errors["reference"] <= 1e-5))
+    checks.append((f"C = {num_classes}: exact equals the reference (relative error <= 1e-5)",
+                   errors["reference"] <= 1e-5))
     if num_classes >= 50:
         checks.append((f"C = {num_classes}: mc K=1 at least 10x faster than exact",
                        medians["exact"] / medians["mc K=1"] >= 10.0))
     print(f"\nC = {num_classes} classes, {args.examples} examples in batches of {args.batch_size}, "
           f"median of {args.repeats} runs")
-    print(f"  {'method':<14}{'time [s]':>10}{'reference / method':>20}{'exact / method':>16}{'rel. error vs exact':>22}")
+    print(f"  {'method':<14}{'time [s]':>10}{'reference / method':>20}{'exact / method':>16}"
+          f"{'rel. error vs exact':>22}")
     for name, seconds in medians.items():
-        print(f"  {name:<14}{seconds:>10.3f}{medians['reference'] / seconds:>19.2f}x{medians['exact'] / seconds:>15.2f}x"
-              f"{errors[name]:>22.2e}")
+        print(f"  {name:<14}{seconds:>10.3f}{medians['reference'] / seconds:>19.2f}x"
+              f"{medians['exact'] / seconds:>15.2f}x{errors[name]:>22.2e}")
 
 
 def mc_convergence(args: argparse.Namespace, num_classes: int) -> float:
     """RMS relative error of ``mc`` over the first n examples, for each K, against ``exact`` on the same n."""
     model = build_model(args, num_classes)
     step = args.mc_step
-    batches = make_batches(argparse.Namespace(**{**vars(args), "batch_size": step}), args.mc_examples, num_classes, seed=2)
+    batches = make_batches(argparse.Namespace(**{**vars(args), "batch_size": step}), args.mc_examples, num_classes,
+                           seed=2)
     names = target_names(model)
 
     def prefix_sums(**kwargs) -> list[dict[str, Tensor]]:
@@ -240,7 +243,8 @@ def main() -> None:
     parser.add_argument("--mc-examples", type=int, default=128, help="largest n of the mc error table")
     parser.add_argument("--mc-step", type=int, default=16, help="smallest n (and batch size) of the mc error table")
     parser.add_argument("--mc-seeds", type=int, default=3)
-    parser.add_argument("--mc-classes", type=int, default=None, help="C of the mc error table (default: last of --classes)")
+    parser.add_argument("--mc-classes", type=int, default=None,
+                        help="C of the mc error table (default: the last of --classes)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
     if args.threads:
@@ -257,7 +261,8 @@ def main() -> None:
     for num_classes in args.classes:
         compare(args, num_classes, checks)
     slope = mc_convergence(args, args.mc_classes or args.classes[-1])
-    checks.append(("mc: relative error shrinks like 1/sqrt(n·K) (log-log slope within -0.5 ± 0.1)", abs(slope + 0.5) <= 0.1))
+    checks.append(("mc: relative error shrinks like 1/sqrt(n·K) (log-log slope within -0.5 ± 0.1)",
+                   abs(slope + 0.5) <= 0.1))
     print("\nchecks")
     for text, ok in checks:
         print(f"  {'yes' if ok else 'NO '}  {text}")

@@ -248,10 +248,11 @@ def test_topk_uses_the_reference_class_choice():
 
 
 def test_mc_settings_sampling_and_reproducibility(vit, images):
-    first = diagonal_fisher(vit, [images], TARGETS[:2], estimator="mc", samples=2, generator=torch.Generator().manual_seed(5))
-    again = diagonal_fisher(vit, [images[:2], images[2:]], TARGETS[:2], estimator="mc", samples=2,
-                            generator=torch.Generator().manual_seed(5))
-    other = diagonal_fisher(vit, [images], TARGETS[:2], estimator="mc", samples=2, generator=torch.Generator().manual_seed(6))
+    def mc(batches, seed):
+        return diagonal_fisher(vit, batches, TARGETS[:2], estimator="mc", samples=2,
+                               generator=torch.Generator().manual_seed(seed))
+
+    first, again, other = mc([images], 5), mc([images[:2], images[2:]], 5), mc([images], 6)
     assert first.estimator == "mc" and first.settings == {"samples": 2} and first.count == 6
     assert not torch.equal(first.sums[TARGETS[0]], other.sums[TARGETS[0]])
     # Batches draw their uniforms in order, so splitting the data differently draws the same labels.
