@@ -18,13 +18,15 @@ from lightning_taylor.data import (
     TaskStreamDataModule,
     class_order,
 )
+from lightning_taylor.data.samplers import StreamSampler, mix
 
 NUM_DIGITS = 1797
 
 
 def fake_trainer(epoch: int, every: int = 1, max_epochs: int | None = None) -> SimpleNamespace:
     """The attributes of a Trainer that the DataModule reads."""
-    return SimpleNamespace(current_epoch=epoch, reload_dataloaders_every_n_epochs=every, max_epochs=max_epochs)
+    return SimpleNamespace(current_epoch=epoch, reload_dataloaders_every_n_epochs=every, max_epochs=max_epochs,
+                           world_size=1, global_rank=0)
 
 
 def labels_of(loader) -> torch.Tensor:
@@ -203,6 +205,72 @@ def test_views_pickle_for_worker_processes(digits):
     dataset = pickle.loads(pickle.dumps(digits.task_dataset(1, augment=True)))
     x, y = dataset[0]
     assert x.shape == (1, 28, 28) and y in digits.task_classes(1)
+
+
+# ----------------------------------------------------------------------------- deterministic batches
+
+
+def sampled(sampler, epoch: int) -> list[tuple[int, int]]:
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+@pytest.mark.parametrize("size", [12, 13])
+def test_stream_sampler_gives_two_ranks_the_global_batches_of_one(size):
+    data = list(range(size))
+    one = sampled(StreamSampler(data, seed=3), 0)
+    ranks = [sampled(StreamSampler(data, seed=3, num_replicas=2, rank=r), 0) for r in range(2)]
+    assert sorted(i for i, _ in one) == data  # a permutation, each example with its own seed
+    assert len({s for _, s in one}) == size
+    assert len(ranks[0]) == len(ranks[1]) == -(-size // 2)  # padded to equal length like DistributedSampler
+    interleaved = [pair for step in zip(*ranks) for pair in step]
+    assert interleaved[:size] == one  # rank r holds positions r, r + 2, ... of the same order
+    assert interleaved[size:] == one[: len(interleaved) - size]  # the padding repeats the order's start
+
+
+def test_stream_sampler_order_depends_on_seed_and_epoch_of_the_task_only():
+    data = list(range(50))
+    reference = sampled(StreamSampler(data, seed=3), 1)
+    torch.manual_seed(123)  # the global random state plays no part
+    assert sampled(StreamSampler(data, seed=3, first_epoch=10), 11) == reference
+    assert sampled(StreamSampler(data, seed=3), 2) != reference
+    assert sampled(StreamSampler(data, seed=4), 1) != reference
+    assert mix(3, 1) != mix(1, 3) and 0 <= mix(2**62, 2**62) < 2**63
+
+
+def test_seeded_augmentation_ignores_the_global_random_state(digits):
+    dataset = digits.task_dataset(0, augment=True)
+    state = torch.random.get_rng_state()
+    first = dataset[(5, 77)][0]
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global generator is left as it was
+    torch.manual_seed(99)
+    assert torch.equal(dataset[(5, 77)][0], first)
+    assert not torch.equal(dataset[(5, 78)][0], first)
+    assert not torch.equal(dataset[5][0], digits.task_dataset(0)[5][0])  # plain indices still augment
+
+
+def test_train_batches_are_the_same_in_one_fit_or_one_fit_per_task():
+    dm = TaskStreamDataModule(epochs_per_task=3, image_size=8, seed=5)
+    dm.trainer = fake_trainer(epoch=7)  # task 2, its second epoch
+    in_stream = [(x, y) for x, y in dm.train_dataloader()]
+    dm.set_task(2)
+    dm.trainer = fake_trainer(epoch=1)  # the second epoch of a fit of task 2 alone
+    alone = [(x, y) for x, y in dm.train_dataloader()]
+    assert len(in_stream) == len(alone) > 1
+    for (x1, y1), (x2, y2) in zip(in_stream, alone):
+        assert torch.equal(y1, y2) and torch.equal(x1, x2)
+
+
+def test_eval_loaders_share_the_test_set_across_ranks_without_repeats(digits):
+    shares = []
+    for rank in range(2):
+        digits.trainer = SimpleNamespace(**{**vars(fake_trainer(epoch=0)), "world_size": 2, "global_rank": rank})
+        try:
+            shares.append(labels_of(digits.test_dataloader()))
+        finally:
+            digits.trainer = None
+    assert len(shares[0]) + len(shares[1]) == len(digits._raw.test_targets)  # each example once
+    assert sorted(torch.cat(shares).tolist()) == sorted(labels_of(digits.test_dataloader()).tolist())
 
 
 @pytest.mark.parametrize(

@@ -14,7 +14,8 @@ from typing import Any, Literal, Sequence
 import lightning as L
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from lightning_taylor._checks import check_choice, check_non_negative_int, check_positive_int, expected
 from lightning_taylor.data.datasets import (
@@ -27,6 +28,7 @@ from lightning_taylor.data.datasets import (
     load_digits_splits,
     load_imagefolder_splits,
 )
+from lightning_taylor.data.samplers import StreamSampler, mix
 from lightning_taylor.data.split import ClassIncrementalSplit, class_order
 from lightning_taylor.data.transforms import Transform, digits_transforms, image_transforms
 from lightning_taylor.data.views import TransformedSubset
@@ -46,13 +48,20 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     Loaders:
 
-    - :meth:`train_dataloader`: the current task's training set (shuffled, augmented if ``augment``).
+    - :meth:`train_dataloader`: the current task's training set (shuffled by ``seed``, task and epoch,
+      augmented if ``augment``).
     - :meth:`val_dataloader`: one loader over the test sets of tasks ``0..current_task``.
     - :meth:`test_dataloader`: one loader over the test sets of every task.
     - :meth:`task_dataloader`: any one task's train or test set, for task-boundary callbacks (features,
       Fisher); no distributed sampler is added, the caller shards.
 
-    Under DDP Lightning wraps the train, val and test loaders in a ``DistributedSampler`` itself.
+    **Batches.** The training loader's order and augmentations depend only on ``seed``, the task and the
+    epoch within the task (:class:`~lightning_taylor.data.samplers.StreamSampler`): ``W`` processes with batch
+    size ``b`` see the batches of one process with batch size ``W·b`` (when the task's size is a multiple of
+    it), a resumed fit sees the batches of the uninterrupted one, and one ``fit`` per task sees those of one
+    ``fit`` over the stream. Under DDP the validation and test loaders give each process a strided share of
+    the test sets without the padding (repeated examples) of Lightning's ``DistributedSampler``, so the
+    accuracies are exactly those of one process.
 
     **Task schedule.** Without :meth:`set_task`, the current task is ``trainer.current_epoch //
     epochs_per_task`` (clamped to the last task), so run ``max_epochs = num_tasks · epochs_per_task``
@@ -102,6 +111,8 @@ class TaskStreamDataModule(L.LightningDataModule):
         split_seed: digits only: seed of the stratified train/test split.
         augment: augment the training loader (random affine for digits; crop and flip otherwise).
         pin_memory: pin the loaders' batches in page-locked memory (faster host-to-GPU copies).
+        seed: seed of the training order and augmentations; ``None`` follows ``seed_everything`` (the
+            ``PL_GLOBAL_SEED`` environment variable, else 0).
     """
 
     def __init__(
@@ -122,6 +133,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         split_seed: int = 0,
         augment: bool = True,
         pin_memory: bool = False,
+        seed: int | None = None,
     ) -> None:
         super().__init__()
         check_choice("dataset", dataset, DATASETS)
@@ -139,6 +151,8 @@ class TaskStreamDataModule(L.LightningDataModule):
         if class_order_seed is not None:
             check_non_negative_int("class_order_seed", class_order_seed)
         check_non_negative_int("split_seed", split_seed)
+        if seed is not None:
+            check_non_negative_int("seed", seed)
         for name, value in (("download", download), ("augment", augment), ("pin_memory", pin_memory)):
             if not isinstance(value, bool):
                 raise expected(name, "a bool", value)
@@ -170,6 +184,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         self.split_seed = split_seed
         self.augment = augment
         self.pin_memory = pin_memory
+        self.seed = seed
         self.save_hyperparameters()  # plain values only, so checkpoints keep loading with weights_only=True
 
         self._task: int | None = None  # explicit task from set_task; None follows the trainer's epoch
@@ -329,9 +344,28 @@ class TaskStreamDataModule(L.LightningDataModule):
         """The ``split`` examples of one ``task``; see :meth:`tasks_dataset`."""
         return self.tasks_dataset([self.class_split.check_task(task)], split, augment)
 
-    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
-        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, drop_last=False)
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool = False, sampler: Sampler | None = None
+                ) -> DataLoader:
+        return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, sampler=sampler,
+                          num_workers=self.num_workers, pin_memory=self.pin_memory, drop_last=False)
+
+    def _processes(self) -> tuple[int, int]:
+        """``(world size, global rank)`` of the attached trainer, ``(1, 0)`` without one."""
+        trainer = self.trainer
+        return (1, 0) if trainer is None else (int(trainer.world_size), int(trainer.global_rank))
+
+    def _train_sampler(self, dataset: Dataset, task: int) -> StreamSampler:
+        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        # The task's first epoch: 0 in a fit of its own (set_task), task·E in one fit over the stream.
+        first_epoch = 0 if self._task is not None else task * self.epochs_per_task
+        world_size, rank = self._processes()
+        return StreamSampler(dataset, mix(seed, task), first_epoch, num_replicas=world_size, rank=rank)
+
+    def _eval_loader(self, dataset: Dataset) -> DataLoader:
+        world_size, rank = self._processes()
+        # Under DDP every process takes a strided share, unpadded: each test example is counted once.
+        sampler = UnrepeatedDistributedSampler(dataset, world_size, rank, shuffle=False) if world_size > 1 else None
+        return self._loader(dataset, self.eval_batch_size, sampler=sampler)
 
     def train_dataloader(self) -> DataLoader:
         """The current task's training set, shuffled, augmented if ``augment``."""
@@ -343,15 +377,15 @@ class TaskStreamDataModule(L.LightningDataModule):
             classes = self.task_classes(task)
             _info(f"Training on task {task} (labels {classes.start}..{classes.stop - 1}): {len(dataset)} images")
             self._announced_task = task
-        return self._loader(dataset, self.batch_size, shuffle=True)
+        return self._loader(dataset, self.batch_size, sampler=self._train_sampler(dataset, task))
 
     def val_dataloader(self) -> DataLoader:
         """One loader over the test sets of every task seen so far (``0..current_task``)."""
-        return self._loader(self.tasks_dataset(range(self.current_task + 1), "test"), self.eval_batch_size, False)
+        return self._eval_loader(self.tasks_dataset(range(self.current_task + 1), "test"))
 
     def test_dataloader(self) -> DataLoader:
         """One loader over the test sets of every task."""
-        return self._loader(self.tasks_dataset(range(self.num_tasks), "test"), self.eval_batch_size, False)
+        return self._eval_loader(self.tasks_dataset(range(self.num_tasks), "test"))
 
     def task_dataloader(self, task: int, split: Split = "train", augment: bool = False,
                         batch_size: int | None = None, shuffle: bool = False) -> DataLoader:

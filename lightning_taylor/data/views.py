@@ -25,6 +25,11 @@ class TransformedSubset(Dataset):
         indices: positions in ``dataset`` to serve, in order.
         labels: remapped label of each position in ``indices`` (same length).
         transform: applied to ``x`` on every access; ``None`` serves ``x`` as stored.
+
+    An item is asked for by position ``i``, or by ``(i, seed)`` (what
+    :class:`~lightning_taylor.data.samplers.StreamSampler` yields): the transform's random draws then come from
+    a generator seeded by ``seed``, not from the process's random state, so an augmented example is the same
+    on any process, in any worker and after a resume.
     """
 
     def __init__(self, dataset: Dataset, indices: Tensor, labels: Tensor,
@@ -39,10 +44,16 @@ class TransformedSubset(Dataset):
     def __len__(self) -> int:
         return len(self.indices)
 
-    def __getitem__(self, i: int) -> tuple[Any, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
+        i, seed = key if isinstance(key, tuple) else (key, None)
         x, _ = self.dataset[int(self.indices[i])]
         if self.transform is not None:
-            x = self.transform(x)
+            if seed is None:
+                x = self.transform(x)
+            else:  # torchvision draws from the global generator: seed it for this call only
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    x = self.transform(x)
         return x, int(self.labels[i])
 
     def __repr__(self) -> str:

@@ -1,0 +1,63 @@
+"""The training sampler of the task streams: an order that depends on the task and epoch alone.
+
+Lightning shuffles a training set with a ``RandomSampler`` seeded from the global random state on one
+process, and with a ``DistributedSampler`` seeded by ``seed + epoch`` under DDP, and augmentations draw from
+each process's (or worker's) global random state. So the same stream gives different batches on one and two
+processes, and a run resumed from a checkpoint sees other batches than the run it continues.
+
+:class:`StreamSampler` fixes both. Epoch ``e`` of a task has the order ``randperm(n)`` drawn from
+``mix(seed, e)`` on any number of processes, rank ``r`` of ``W`` takes positions ``r, r + W, …`` of it (padded
+like ``DistributedSampler``, so every rank runs the same number of steps), and every example comes with its own
+augmentation seed ``mix(mix(seed, e), index)``, which :class:`~lightning_taylor.data.views.TransformedSubset`
+uses. Hence, whenever the task's size is a multiple of the global batch size:
+
+- ``W`` processes with batch ``b`` see exactly the batches of one process with batch ``W·b``;
+- a fit resumed at epoch ``e`` sees the batches of the uninterrupted fit;
+- the data do not depend on ``num_workers``, nor on whether the stream runs as one ``fit`` or one per task.
+
+It subclasses ``DistributedSampler``, so Lightning keeps it instead of inserting its own under DDP, and calls
+its ``set_epoch`` before every epoch.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch.utils.data import Dataset, DistributedSampler
+
+_MASK = 2**63 - 1
+
+
+def mix(seed: int, value: int) -> int:
+    """A 63-bit seed derived from ``seed`` and ``value`` (one multiply-xorshift round of SplitMix64)."""
+    z = (seed * 0x9E3779B97F4A7C15 + value + 1) & (2**64 - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
+    return (z ^ (z >> 31)) & _MASK
+
+
+class StreamSampler(DistributedSampler):
+    """Shuffles and shards one task's training set by ``(seed, epoch of the task)``; yields ``(index, seed)``.
+
+    Args:
+        dataset: the task's training set (its ``__getitem__`` takes the ``(index, seed)`` pairs).
+        seed: seed of this task's stream (the DataModule derives it from its seed and the task).
+        first_epoch: the trainer's epoch at which the task starts; ``set_epoch(e)`` selects epoch
+            ``e − first_epoch`` of the task.
+        num_replicas: number of processes ``W``.
+        rank: this process's rank ``r``.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int, first_epoch: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
+        self.first_epoch = first_epoch
+        self.epoch = first_epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        epoch_seed = mix(self.seed, self.epoch - self.first_epoch)
+        n = len(self.dataset)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
+        order = (order * -(-self.total_size // n))[: self.total_size]  # pad with the order's start, as DistributedSampler
+        for index in order[self.rank : self.total_size : self.num_replicas]:
+            yield index, mix(epoch_seed, index)
