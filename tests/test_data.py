@@ -18,7 +18,8 @@ from lightning_taylor.data import (
     TaskStreamDataModule,
     class_order,
 )
-from lightning_taylor.data.samplers import StreamSampler, mix
+from lightning_taylor.data.samplers import StreamSampler
+from lightning_taylor.seeding import mix
 
 NUM_DIGITS = 1797
 

@@ -63,13 +63,13 @@ class LinearProbe(ITA):
         deltas = pl_module.task_deltas
         if deltas.tasks:
             deltas.compose({})  # θ0 alone
-        head = pl_module.backbone.get_classifier()
+        head = self.model(pl_module).head
         self._trained_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
         head.load_state_dict({k: v.to(head.weight) for k, v in self.pretuned_head.items()})
 
     def _restore_head(self, pl_module: L.LightningModule) -> None:
         if self._trained_head is not None:
-            pl_module.backbone.get_classifier().load_state_dict(self._trained_head)
+            self.model(pl_module).head.load_state_dict(self._trained_head)
             self._trained_head = None
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

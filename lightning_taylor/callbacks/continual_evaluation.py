@@ -9,7 +9,12 @@ examples, summed across processes by torchmetrics). Two matrices are kept:
 
 At the end of ``fit`` both are printed as tables and written to ``accuracy_class_il.csv`` /
 ``accuracy_class_il.png`` (and ``task_il``) in ``output_dir`` (default: the logger's directory).
-The LightningModule's ``validation_step`` / ``test_step`` must return ``{"logits": …, "target": …}``.
+
+The stream (``num_tasks``, ``classes_per_task``, ``current_task``, ``epochs_per_task``) is read as the ITA / IEL
+callbacks read it (:mod:`~lightning_taylor.callbacks.protocol`). A validation ends a task at the last epoch
+of a ``fit`` and, when ``epochs_per_task`` is known, every ``epochs_per_task`` epochs. ``validation_step`` /
+``test_step`` should return ``{"logits": …, "target": …}``; otherwise the callback runs ``pl_module(x)`` on
+the batch ``(x, y, …)`` itself (a second forward pass).
 """
 
 from __future__ import annotations
@@ -18,8 +23,11 @@ import os
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.utilities import rank_zero_info
 
+from lightning_taylor._checks import check_positive_int
+from lightning_taylor.callbacks.protocol import current_task, require, stream_value
 from lightning_taylor.metrics import AccuracyMatrix, ContinualAccuracy
 
 SETTINGS = ("class_il", "task_il")
@@ -30,34 +38,44 @@ class ContinualEvaluation(L.Callback):
 
     Args:
         output_dir: where CSV and PNG files go; ``None`` = the logger's directory (``trainer.log_dir``).
+        num_tasks: tasks of the stream, when the DataModule and LightningModule do not say.
+        classes_per_task: classes per task, likewise.
+        epochs_per_task: epochs per task, likewise (see the module docstring).
     """
 
-    def __init__(self, output_dir: str | None = None) -> None:
+    def __init__(self, output_dir: str | None = None, num_tasks: int | None = None,
+                 classes_per_task: int | None = None, epochs_per_task: int | None = None) -> None:
+        for name, value in (("num_tasks", num_tasks), ("classes_per_task", classes_per_task),
+                            ("epochs_per_task", epochs_per_task)):
+            if value is not None:
+                check_positive_int(name, value)
         self.output_dir = output_dir
+        self.num_tasks, self.classes_per_task, self.epochs_per_task = num_tasks, classes_per_task, epochs_per_task
         self.matrices = {name: AccuracyMatrix(name) for name in SETTINGS}
         self.metric: ContinualAccuracy | None = None
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        data = trainer.datamodule
-        self.metric = ContinualAccuracy(data.num_tasks, data.classes_per_task)
+        self._num_tasks = require(trainer, pl_module, "num_tasks", self.num_tasks)
+        classes_per_task = require(trainer, pl_module, "classes_per_task", self.classes_per_task)
+        self.metric = ContinualAccuracy(self._num_tasks, classes_per_task)
 
-    def _seen_tasks(self, trainer: L.Trainer) -> int:
+    def _seen_tasks(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
         """Tasks evaluated: those seen so far in validation; the whole stream in ``test``."""
         if trainer.testing:
-            return int(trainer.datamodule.num_tasks)
-        return int(trainer.datamodule.current_task) + 1
+            return self._num_tasks
+        return min(current_task(trainer, pl_module, self.epochs_per_task), self._num_tasks - 1) + 1
 
     def _start(self, pl_module: L.LightningModule) -> None:
         self.metric = self.metric.to(pl_module.device)
         self.metric.reset()
 
-    def _update(self, trainer: L.Trainer, outputs: Any) -> None:
-        if not isinstance(outputs, dict) or "logits" not in outputs:
-            raise TypeError(
-                "Expected `validation_step` / `test_step` to return a dict with 'logits' and 'target' for "
-                f"ContinualEvaluation, but got {type(outputs).__name__}."
-            )
-        self.metric.update(outputs["logits"].detach(), outputs["target"], self._seen_tasks(trainer))
+    def _update(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any) -> None:
+        if isinstance(outputs, dict) and "logits" in outputs:
+            logits, target = outputs["logits"].detach(), outputs["target"]
+        else:  # the module's step returns something else: run its forward on the batch
+            with torch.no_grad():
+                logits, target = pl_module(batch[0]), batch[1]
+        self.metric.update(logits, target, self._seen_tasks(trainer, pl_module))
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start(pl_module)
@@ -67,21 +85,24 @@ class ContinualEvaluation(L.Callback):
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if not trainer.sanity_checking:
-            self._update(trainer, outputs)
+            self._update(trainer, pl_module, outputs, batch)
 
     def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        self._update(trainer, outputs)
+        self._update(trainer, pl_module, outputs, batch)
 
-    def _end_of_task(self, trainer: L.Trainer) -> bool:
-        """True when this validation closes a task (or is a standalone ``validate``)."""
-        if not trainer.training:
+    def _end_of_task(self, trainer: L.Trainer, pl_module: L.LightningModule) -> bool:
+        """True when this validation closes a task: a standalone ``validate``, the last epoch of the ``fit``,
+        or the last epoch of a task of ``epochs_per_task`` epochs."""
+        epoch = trainer.current_epoch + 1
+        if not trainer.training or (trainer.max_epochs is not None and epoch >= trainer.max_epochs):
             return True
-        return (trainer.current_epoch + 1) % int(trainer.datamodule.epochs_per_task) == 0
+        epochs = stream_value(trainer, pl_module, "epochs_per_task", self.epochs_per_task)
+        return epochs is not None and epoch % epochs == 0
 
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
-        self._record(trainer, pl_module, "val", add_row=self._end_of_task(trainer))
+        self._record(trainer, pl_module, "val", add_row=self._end_of_task(trainer, pl_module))
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         accuracies = self._record(trainer, pl_module, "test", add_row=False)
@@ -90,7 +111,7 @@ class ContinualEvaluation(L.Callback):
             rank_zero_info(f"test {name} accuracy (%): {cells}  | avg {100 * sum(values) / len(values):.2f}")
 
     def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, add_row: bool) -> dict:
-        seen = self._seen_tasks(trainer)
+        seen = self._seen_tasks(trainer, pl_module)
         results = self.metric.compute()  # reduced across processes
         per_setting = {}
         for name in SETTINGS:

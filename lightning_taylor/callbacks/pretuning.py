@@ -52,18 +52,17 @@ class PreTuning:
 
 
 @torch.no_grad()
-def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor]:
-    """CLS features after the final norm (``forward_head(pre_logits=True)``) and labels, on the CPU."""
-    was_training = backbone.training
-    backbone.eval()
+def extract_features(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Pre-logits features (``model.features(x)``: timm's CLS token after the final norm) and labels, on the CPU."""
+    was_training = model.training
+    model.eval()
     features, labels = [], []
     try:
-        for x, y in loader:
-            tokens = backbone.forward_features(x.to(device))
-            features.append(backbone.forward_head(tokens, pre_logits=True).float().cpu())
-            labels.append(torch.as_tensor(y).cpu())
+        for batch in loader:
+            features.append(model.features(batch[0].to(device)).float().cpu())
+            labels.append(torch.as_tensor(batch[1]).cpu())
     finally:
-        backbone.train(was_training)
+        model.train(was_training)
     return torch.cat(features), torch.cat(labels)
 
 

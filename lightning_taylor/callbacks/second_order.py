@@ -1,11 +1,12 @@
 """ITA and IEL as Lightning callbacks: deltas, task boundary, Fisher at θ0, and the penalty step.
 
-One callback runs the whole method on a LightningModule that follows the small protocol of
-:mod:`lightning_taylor.module` (a timm ``backbone`` whose classifier is one linear head over all classes):
+One callback runs the whole method on any LightningModule with a timm ViT and a linear head over all classes
+(the small protocol of :mod:`lightning_taylor.callbacks.protocol`: ours, or a user's own module and data):
 
-- ``setup``: attaches :class:`~lightning_taylor.deltas.TaskDeltas` to ``pl_module.task_deltas`` — before the
-  optimisers and DDP are built, so the trainable slot is registered once for the whole fit;
-- ``on_train_epoch_start``: at a new task ``t`` (read from ``trainer.datamodule.current_task``), banks the
+- ``setup``: freezes the backbone and attaches :class:`~lightning_taylor.deltas.TaskDeltas` to
+  ``pl_module.task_deltas`` — before the optimisers and DDP are built, so the trainable slot is registered
+  once for the whole fit;
+- ``on_train_epoch_start``: at a new task ``t`` (the stream's ``current_task``, see the protocol), banks the
   previous delta, pre-tunes the head, computes the Fisher of the backbone at θ0 (deltas off, pre-tuned head
   installed) and of the head, resets the optimiser state; then sets the training forward: ``θ0 + τ_t``
   (ITA) or the uniform composition ``θ0 + (1/T) Σ_{s≤t} τ_s`` (IEL);
@@ -34,9 +35,24 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Subset
 
-from lightning_taylor._checks import check_choice, check_non_negative, check_non_negative_int, check_positive_int
+from lightning_taylor._checks import (
+    check_choice,
+    check_non_negative,
+    check_non_negative_int,
+    check_positive_int,
+    expected,
+)
 from lightning_taylor.alignment import ClassMixtures, head_fisher
 from lightning_taylor.callbacks.pretuning import PreTuning, extract_features, pretune_head
+from lightning_taylor.callbacks.protocol import (
+    Classifier,
+    check_launcher,
+    current_task,
+    require,
+    resolve_classifier,
+    task_loader,
+)
+from lightning_taylor.seeding import mix
 from lightning_taylor.deltas import DEFAULT_TARGETS, DeltaStyle, TaskDeltas, save_deltas
 from lightning_taylor.editing import uniform
 from lightning_taylor.fisher import Estimator, FisherAccumulator, diagonal_fisher
@@ -48,11 +64,11 @@ PenaltyMode = Literal["decoupled", "coupled"]
 
 
 class _SeenLogits(nn.Module):
-    """The backbone's logits restricted to the classes seen so far (the Fisher's classifier)."""
+    """The model's logits restricted to the classes seen so far (the Fisher's classifier)."""
 
-    def __init__(self, backbone: nn.Module, num_seen: int) -> None:
+    def __init__(self, model: Classifier, num_seen: int) -> None:
         super().__init__()
-        self.model, self.num_seen = backbone, num_seen
+        self.model, self.num_seen = model, num_seen
 
     def forward(self, x: Tensor) -> Tensor:
         return self.model(x)[:, : self.num_seen]
@@ -92,6 +108,12 @@ class SecondOrder(L.Callback):
             ``None`` follows ``seed_everything`` (the ``PL_GLOBAL_SEED`` environment variable, else 0).
         save_dir: where deltas, Fisher and pre-tuned head are saved at the end of ``fit``; ``None`` = the
             logger's directory.
+        backbone: attribute path of the ViT in the LightningModule; ``None``: ``backbone``, else the only
+            timm-like child (see :mod:`~lightning_taylor.callbacks.protocol`).
+        head: attribute path of the ``nn.Linear`` head; ``None``: the backbone's classifier, else ``head``.
+        classes_per_task: head rows per task, for streams whose DataModule and LightningModule do not say.
+        epochs_per_task: for one ``fit`` over a stream whose DataModule and LightningModule do not state
+            ``current_task``: task ``current_epoch // epochs_per_task``.
     """
 
     algorithm: ClassVar[Algorithm]
@@ -116,6 +138,10 @@ class SecondOrder(L.Callback):
         head_fisher_samples: int = 256,
         seed: int | None = None,
         save_dir: str | None = None,
+        backbone: str | None = None,
+        head: str | None = None,
+        classes_per_task: int | None = None,
+        epochs_per_task: int | None = None,
     ) -> None:
         check_non_negative("strength", strength)
         check_non_negative("lambda_l2", lambda_l2)
@@ -126,6 +152,12 @@ class SecondOrder(L.Callback):
         check_choice("fisher_estimator", fisher_estimator, ("exact", "mc", "topk", "empirical"))
         check_positive_int("fisher_batch_size", fisher_batch_size)
         check_positive_int("head_fisher_samples", head_fisher_samples)
+        for name, value in (("classes_per_task", classes_per_task), ("epochs_per_task", epochs_per_task)):
+            if value is not None:
+                check_positive_int(name, value)
+        for name, value in (("backbone", backbone), ("head", head)):
+            if value is not None and not (isinstance(value, str) and value):
+                raise expected(name, "an attribute path (str) or None", value)
         self.strength = float(strength)
         # METHOD.md §4: the head's Fisher weight defaults to α (ITA) or β (IEL).
         self.lambda_fisher = float(strength if lambda_fisher is None else lambda_fisher)
@@ -138,6 +170,8 @@ class SecondOrder(L.Callback):
             check_non_negative_int("seed", seed)
         self.head_fisher_samples, self.seed, self.save_dir = head_fisher_samples, seed, save_dir
         self.delta_config = dict(style=style, rank=rank, targets=tuple(targets), qkv_rank_factor=qkv_rank_factor)
+        self.backbone, self.head = backbone, head
+        self.classes_per_task, self.epochs_per_task = classes_per_task, epochs_per_task
         # State carried by checkpoints (see state_dict).
         self.task = -1
         self.accumulator = FisherAccumulator(prior)
@@ -148,27 +182,35 @@ class SecondOrder(L.Callback):
 
     # -- set-up ---------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        check_launcher(trainer, type(self).__name__)
         if self.seed is None:  # follow seed_everything, resolved when the run starts
             self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        model = self.model(pl_module)
         if getattr(pl_module, "task_deltas", None) is None:
-            pl_module.task_deltas = TaskDeltas(pl_module.backbone, seed=self.seed, **self.delta_config)
+            # θ0 stays fixed; the head and the deltas (registered here, before optimisers and DDP) train.
+            model.backbone.requires_grad_(False)
+            model.head.requires_grad_(True)
+            pl_module.task_deltas = TaskDeltas(model.backbone, seed=self.seed, **self.delta_config)
         if not self.pretuned_head:
-            head = pl_module.backbone.get_classifier()
-            self.pretuned_head = {k: v.detach().float().cpu().clone() for k, v in head.state_dict().items()}
+            self.pretuned_head = {k: v.detach().float().cpu().clone() for k, v in model.head.state_dict().items()}
+
+    def model(self, pl_module: L.LightningModule) -> Classifier:
+        """Backbone and head of ``pl_module`` (looked up on every call: the callback holds no module)."""
+        return resolve_classifier(pl_module, self.backbone, self.head)
 
     @staticmethod
     def _deltas(pl_module: L.LightningModule) -> TaskDeltas:
         return pl_module.task_deltas
 
-    def _classes_per_task(self, trainer: L.Trainer) -> int:
-        return int(trainer.datamodule.classes_per_task)
+    def _classes_per_task(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
+        return require(trainer, pl_module, "classes_per_task", self.classes_per_task)
 
     # -- composition ----------------------------------------------------------------------------------
     def training_composition(self, task: int) -> dict[int, float]:
         raise NotImplementedError
 
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        task = int(trainer.datamodule.current_task)
+        task = current_task(trainer, pl_module, self.epochs_per_task)
         if task != self.task:
             self.begin_task(trainer, pl_module, task)
         self._deltas(pl_module).compose(self.training_composition(task))
@@ -191,15 +233,15 @@ class SecondOrder(L.Callback):
     # -- task boundary --------------------------------------------------------------------------------
     def begin_task(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
         """METHOD.md §5: bank, pre-tune, Fisher of backbone and head at θ0, fresh optimiser state."""
-        deltas, backbone = self._deltas(pl_module), pl_module.backbone
-        k = self._classes_per_task(trainer)
+        deltas, model = self._deltas(pl_module), self.model(pl_module)
+        k = self._classes_per_task(trainer, pl_module)
         task_classes = range(task * k, (task + 1) * k)
         rank_zero_info(f"[{self.algorithm.upper()}] task {task}: classes {task_classes.start}..{task_classes.stop - 1}")
         deltas.begin_task(task)
-        loader = trainer.datamodule.task_dataloader(task, "train", batch_size=self.fisher_batch_size)
+        loader = task_loader(trainer, task, self.fisher_batch_size)
 
         with deltas.disabled():
-            features, labels = extract_features(backbone, loader, pl_module.device)
+            features, labels = extract_features(model, loader, pl_module.device)
         head = nn.Linear(features.shape[1], self.pretuned_head["weight"].shape[0])
         head.load_state_dict(self.pretuned_head)
         self.mixtures = pretune_head(head, self.mixtures, features, labels, task_classes, task, self.pretuning, self.seed)
@@ -211,7 +253,7 @@ class SecondOrder(L.Callback):
         self.mixtures = ClassMixtures.from_state_dict(mixtures)
         head.load_state_dict(pretuned)
 
-        fisher = self._backbone_fisher(trainer, pl_module, task_classes.stop, loader)
+        fisher = self._backbone_fisher(trainer, pl_module, task, task_classes.stop, loader)
         self.accumulator.set_task(task, fisher)
         self._curvature = None
         self.head_curvature = self._head_fisher(head, task, k)
@@ -220,14 +262,17 @@ class SecondOrder(L.Callback):
             optimizer.state.clear()
         self.task = task
 
-    def _backbone_fisher(self, trainer: L.Trainer, pl_module: L.LightningModule, num_seen: int, loader: DataLoader):
-        deltas, backbone = self._deltas(pl_module), pl_module.backbone
-        head = backbone.get_classifier()
+    def _backbone_fisher(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, num_seen: int,
+                         loader: DataLoader):
+        deltas, model = self._deltas(pl_module), self.model(pl_module)
+        head = model.head
         trained_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
         head.load_state_dict({k: v.to(head.weight) for k, v in self.pretuned_head.items()})
         shard = _shard(loader, trainer.global_rank, trainer.world_size)
-        batches = ((x.to(pl_module.device), y.to(pl_module.device)) for x, y in shard)
-        names = [f"model.{name}.weight" for name in deltas.names]
+        batches = ((batch[0].to(pl_module.device), batch[1].to(pl_module.device)) for batch in shard)
+        names = [f"model.backbone.{name}.weight" for name in deltas.names]
+        # `mc` draws its labels from a generator of its own: reproducible, and independent across ranks.
+        generator = torch.Generator().manual_seed(mix(mix(self.seed, task), trainer.global_rank))
         # A progress bar on rank zero when the trainer shows bars (the pass can be long: C backward rows per example).
         bar = None
         if trainer.is_global_zero and trainer.progress_bar_callback is not None:
@@ -235,14 +280,15 @@ class SecondOrder(L.Callback):
                        unit="img", dynamic_ncols=True)
         try:
             with deltas.disabled():
-                fisher = diagonal_fisher(_SeenLogits(backbone, num_seen), batches, names, **self.fisher_config,
+                fisher = diagonal_fisher(_SeenLogits(model, num_seen), batches, names, **self.fisher_config,
+                                         generator=generator,
                                          progress=None if bar is None else (lambda n: bar.update(n - bar.n)))
         finally:
             head.load_state_dict(trained_head)
             if bar is not None:
                 bar.close()
         fisher.all_reduce()  # every rank reaches this collective; sums and counts, divided later
-        fisher.sums = {name[len("model.") :]: value for name, value in fisher.sums.items()}
+        fisher.sums = {name[len("model.backbone.") :]: value for name, value in fisher.sums.items()}
         rank_zero_info(f"[{self.algorithm.upper()}] Fisher ({fisher.estimator}) over {fisher.count} examples")
         return fisher
 
@@ -274,8 +320,8 @@ class SecondOrder(L.Callback):
         deltas = self._deltas(pl_module)
         params = dict(deltas.named_parameters())
         value, grads = delta_penalty(deltas, self.curvature(pl_module.device), self.algorithm, self.strength)
-        head_value, head_grads = self._head_penalty(pl_module, trainer)
-        head = pl_module.backbone.get_classifier()
+        head = self.model(pl_module).head
+        head_value, head_grads = self._head_penalty(trainer, pl_module, head)
         params.update({f"head.{k}": v for k, v in head.named_parameters()})
         grads.update({f"head.{k}": v for k, v in head_grads.items()})
         if self.penalty_mode == "decoupled":
@@ -289,10 +335,10 @@ class SecondOrder(L.Callback):
         pl_module.log("train/penalty", value, on_step=True, on_epoch=False)
         pl_module.log("train/head_penalty", head_value, on_step=True, on_epoch=False)
 
-    def _head_penalty(self, pl_module: L.LightningModule, trainer: L.Trainer) -> tuple[Tensor, dict[str, Tensor]]:
+    def _head_penalty(self, trainer: L.Trainer, pl_module: L.LightningModule, head: nn.Linear
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
         """``λ_F Σ F_head (h_t − h̃_t)² + λ_2 ‖h_t − h̃_t‖²`` on task t's rows, and its gradient."""
-        head = pl_module.backbone.get_classifier()
-        k = self._classes_per_task(trainer)
+        k = self._classes_per_task(trainer, pl_module)
         rows = slice(self.task * k, (self.task + 1) * k)
         device, dtype = head.weight.device, head.weight.dtype
         target = {n: v[rows].to(device, dtype) for n, v in self.pretuned_head.items()}

@@ -26,16 +26,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset, DistributedSampler
 
-_MASK = 2**63 - 1
-
-
-def mix(seed: int, value: int) -> int:
-    """A 63-bit seed derived from ``seed`` and ``value`` (one multiply-xorshift round of SplitMix64)."""
-    z = (seed * 0x9E3779B97F4A7C15 + value + 1) & (2**64 - 1)
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & (2**64 - 1)
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & (2**64 - 1)
-    return (z ^ (z >> 31)) & _MASK
-
+from lightning_taylor.seeding import mix
 
 class StreamSampler(DistributedSampler):
     """Shuffles and shards one task's training set by ``(seed, epoch of the task)``; yields ``(index, seed)``.

@@ -28,7 +28,8 @@ from lightning_taylor.data.datasets import (
     load_digits_splits,
     load_imagefolder_splits,
 )
-from lightning_taylor.data.samplers import StreamSampler, mix
+from lightning_taylor.data.samplers import StreamSampler
+from lightning_taylor.seeding import mix
 from lightning_taylor.data.split import ClassIncrementalSplit, class_order
 from lightning_taylor.data.transforms import Transform, digits_transforms, image_transforms
 from lightning_taylor.data.views import TransformedSubset
