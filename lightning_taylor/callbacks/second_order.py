@@ -52,11 +52,11 @@ from lightning_taylor.callbacks.protocol import (
     resolve_classifier,
     task_loader,
 )
-from lightning_taylor.seeding import mix
 from lightning_taylor.deltas import DEFAULT_TARGETS, DeltaStyle, TaskDeltas, save_deltas
 from lightning_taylor.editing import uniform
 from lightning_taylor.fisher import Estimator, FisherAccumulator, diagonal_fisher
 from lightning_taylor.penalties import Algorithm, decoupled_step, delta_penalty, head_penalty
+from lightning_taylor.seeding import mix
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +79,8 @@ def _shard(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
     if world_size == 1:
         return loader
     indices = range(rank, len(loader.dataset), world_size)
-    return DataLoader(Subset(loader.dataset, indices), batch_size=loader.batch_size, num_workers=loader.num_workers)
+    return DataLoader(Subset(loader.dataset, indices), batch_size=loader.batch_size, num_workers=loader.num_workers,
+                      collate_fn=loader.collate_fn)
 
 
 class SecondOrder(L.Callback):
