@@ -1,7 +1,8 @@
 """The LightningModule: a pre-trained timm ViT with one linear head over every class of the stream.
 
 The module is deliberately thin. The task-boundary work (deltas, pre-tuning, Fisher, penalties) is done by
-the :mod:`lightning_taylor.callbacks`, which only rely on the small protocol this module follows:
+the :mod:`lightning_taylor.callbacks`, which work on any module that follows their small protocol
+(:mod:`lightning_taylor.callbacks.protocol`); this one follows it in the simplest way:
 
 - ``backbone``: a timm ViT whose ``get_classifier()`` is the ``nn.Linear`` head over all classes; task
   ``t`` owns the head rows ``[t·k, (t+1)·k)``;

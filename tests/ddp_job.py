@@ -1,4 +1,6 @@
-"""A short ITA stream on the embedded backbone for the DDP test: ``python tests/ddp_job.py OUT --devices 2 --batch-size 16``.
+"""A short ITA stream on the embedded backbone for the DDP test.
+
+    python tests/ddp_job.py OUT --devices 2 --batch-size 16
 
 Lightning launches the other ranks itself (``strategy="ddp"``), or torchrun does
 (``torchrun --nproc_per_node 2 tests/ddp_job.py OUT --devices 2 ...``). Every rank writes what it holds at

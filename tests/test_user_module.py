@@ -4,6 +4,8 @@
 own ``training_step`` and an ``AdamW`` over ``self.parameters()`` — and knows nothing of deltas or Fisher.
 """
 
+from types import SimpleNamespace
+
 import lightning as L
 import pytest
 import timm
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lightning_taylor.callbacks import ITA, ContinualEvaluation, PreTuning
-from lightning_taylor.callbacks.protocol import Classifier, resolve_classifier
+from lightning_taylor.callbacks.protocol import Classifier, current_task, require, resolve_classifier, stream_value
 from lightning_taylor.data import TaskStreamDataModule
 from lightning_taylor.editing import uniform
 from lightning_taylor.fisher import diagonal_fisher
@@ -165,8 +167,8 @@ def test_plain_dataloaders_and_a_separate_head(tmp_path):
                 reference = diagonal_fisher(seen, stream.task_dataloader(0, "train"), names)
             current = callback.accumulator.curvature(include_current=True)
             for name in user.task_deltas.names:
-                torch.testing.assert_close(current[f"{name}.weight"], 1e-5 + reference.sums[f"model.backbone.{name}.weight"]
-                                           / reference.count, rtol=1e-4, atol=1e-9)
+                expected = 1e-5 + reference.sums[f"model.backbone.{name}.weight"] / reference.count
+                torch.testing.assert_close(current[f"{name}.weight"], expected, rtol=1e-4, atol=1e-9)
     assert fisher_counts == [len(stream.task_dataset(t)) for t in range(TASKS)]
     assert user.task_deltas.banked_tasks == [0, 1, 2]
     assert user.head.weight.requires_grad and not user.model.blocks[0].attn.qkv.weight.requires_grad
@@ -200,6 +202,28 @@ def test_protocol_errors_name_the_argument():
         resolve_classifier(TwoViTs(), backbone="teacher", head="student.blocks")
     with pytest.raises(ValueError, match="`epochs_per_task`.*int >= 1"):
         ITA(epochs_per_task=0)
+
+
+def test_stream_values_come_from_data_then_module_then_argument():
+    module, stream = UserViT(), data()
+    with_data, without = SimpleNamespace(datamodule=stream, current_epoch=7), SimpleNamespace(datamodule=None,
+                                                                                              current_epoch=7)
+    assert stream_value(with_data, module, "classes_per_task") == 2
+    assert stream_value(without, module, "classes_per_task", 3) == 3
+    module.classes_per_task = 5
+    assert stream_value(without, module, "classes_per_task") == 5
+    with pytest.raises(ValueError, match=r"`classes_per_task` to be 2 .*DataModule.*got 3"):
+        stream_value(with_data, module, "classes_per_task", 3)
+    with pytest.raises(ValueError, match=r"`num_tasks` to be known.*callback's `num_tasks=`"):
+        require(without, module, "num_tasks")
+    stream.set_task(3)
+    assert current_task(with_data, module, epochs_per_task=3) == 3  # the DataModule's
+    assert current_task(without, module, epochs_per_task=3) == 2
+    module.current_task = 1
+    assert current_task(without, module, epochs_per_task=3) == 1
+    module.current_task = None
+    with pytest.raises(ValueError, match=r"`current_task`.*before each fit.*`epochs_per_task=`"):
+        current_task(without, module)
 
 
 @pytest.mark.parametrize("strategy", ["ddp_spawn", "ddp_fork"])

@@ -108,7 +108,8 @@ def resolve_classifier(pl_module: nn.Module, backbone: str | None = None, head: 
                    "The backbone has no linear classifier (`get_classifier()`) and there is no `head` attribute.")
 
 
-def stream_value(trainer: L.Trainer, pl_module: L.LightningModule, name: str, argument: int | None = None) -> int | None:
+def stream_value(trainer: L.Trainer, pl_module: L.LightningModule, name: str,
+                 argument: int | None = None) -> int | None:
     """``name`` from the DataModule, else the LightningModule (attribute or hyper-parameter), else ``argument``.
 
     A value given as ``argument`` that differs from the one the data or the module states is refused.
@@ -134,7 +135,8 @@ def require(trainer: L.Trainer, pl_module: L.LightningModule, name: str, argumen
     value = stream_value(trainer, pl_module, name, argument)
     if value is None:
         raise expected(name, "known to the callback", None,
-                       f"Give it as the callback's `{name}=`, or as an attribute of your DataModule or LightningModule.")
+                       f"Give it as the callback's `{name}=`, or as an attribute of your DataModule or "
+                       "LightningModule.")
     return value
 
 

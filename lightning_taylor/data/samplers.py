@@ -49,6 +49,7 @@ class StreamSampler(DistributedSampler):
         epoch_seed = mix(self.seed, self.epoch - self.first_epoch)
         n = len(self.dataset)
         order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
-        order = (order * -(-self.total_size // n))[: self.total_size]  # pad with the order's start, as DistributedSampler
+        # Pad with the order's start (as DistributedSampler does) so that every rank gets as many examples.
+        order = (order * -(-self.total_size // n))[: self.total_size]
         for index in order[self.rank : self.total_size : self.num_replicas]:
             yield index, mix(epoch_seed, index)
