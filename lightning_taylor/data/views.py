@@ -50,10 +50,14 @@ class TransformedSubset(Dataset):
         if self.transform is not None:
             if seed is None:
                 x = self.transform(x)
-            else:  # torchvision draws from the global generator: seed it for this call only
-                with torch.random.fork_rng(devices=[]):
-                    torch.manual_seed(seed)
+            else:  # torchvision draws from the global CPU generator: seed it for this call only
+                generator = torch.default_generator
+                state = generator.get_state()
+                generator.manual_seed(seed)
+                try:
                     x = self.transform(x)
+                finally:
+                    generator.set_state(state)
         return x, int(self.labels[i])
 
     def __repr__(self) -> str:
