@@ -23,6 +23,7 @@ METHODS = {
     "ITA, Monte-Carlo Fisher (K = 1)": "configs/digits/ita_mc.yaml",
     "IEL": "configs/digits/iel.yaml",
     "Task arithmetic (α = 0)": "configs/digits/baselines/task_arithmetic.yaml",
+    "ITA with α = 0, head penalty kept (ablation)": "configs/digits/baselines/head_penalty_only.yaml",
     "Sequential fine-tuning (one delta)": "configs/digits/baselines/sequential.yaml",
     "Joint training (upper bound)": "configs/digits/baselines/joint.yaml",
     "Linear probe of θ0 (pre-tuned head)": "configs/digits/baselines/linear_probe.yaml",
