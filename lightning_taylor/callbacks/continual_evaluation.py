@@ -53,6 +53,7 @@ class ContinualEvaluation(L.Callback):
         self.num_tasks, self.classes_per_task, self.epochs_per_task = num_tasks, classes_per_task, epochs_per_task
         self.matrices = {name: AccuracyMatrix(name) for name in SETTINGS}
         self.metric: ContinualAccuracy | None = None
+        self._num_tasks = num_tasks  # resolved in setup
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._num_tasks = require(trainer, pl_module, "num_tasks", self.num_tasks)
