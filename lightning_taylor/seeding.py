@@ -1,8 +1,16 @@
-"""Derived seeds: one integer per (seed, purpose) pair, reproducible on every process and after a resume."""
+"""Seeds: the run's seed, and one derived integer per (seed, purpose), equal on every process and after a resume."""
 
 from __future__ import annotations
 
+import os
+
 _U64 = 2**64 - 1
+
+
+def run_seed(seed: int | None) -> int:
+    """``seed``, or when ``None`` the one ``seed_everything`` set (``PL_GLOBAL_SEED``, which it exports to every
+    process), else 0."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0)) if seed is None else seed
 
 
 def mix(seed: int, value: int) -> int:

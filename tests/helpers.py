@@ -23,5 +23,16 @@ def train_stream(deltas: TaskDeltas, num_tasks: int, seed: int = 0) -> None:
     deltas.bank()
 
 
+class SeenLogits(torch.nn.Module):
+    """``model``'s logits of the first ``num_seen`` classes, as a submodule named ``model`` (Fisher references)."""
+
+    def __init__(self, model: torch.nn.Module, num_seen: int) -> None:
+        super().__init__()
+        self.model, self.num_seen = model, num_seen
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)[:, : self.num_seen]
+
+
 def relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))

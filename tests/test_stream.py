@@ -6,6 +6,7 @@ import lightning as L
 import pytest
 import timm
 import torch
+from helpers import SeenLogits
 
 from lightning_taylor.callbacks import IEL, ITA, ContinualEvaluation, PreTuning
 from lightning_taylor.data import TaskStreamDataModule
@@ -94,17 +95,8 @@ def task_fisher(model, data, pretuned, task):
     plain = hand_built(model, {})  # θ0, no hooks
     plain.get_classifier().load_state_dict(pretuned)
     seen = (task + 1) * data.classes_per_task
-
-    class Seen(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.model = plain
-
-        def forward(self, x):
-            return self.model(x)[:, :seen]
-
     names = [f"model.{n}.weight" for n in model.task_deltas.names]
-    return diagonal_fisher(Seen(), data.task_dataloader(task, "train"), names)
+    return diagonal_fisher(SeenLogits(plain, seen), data.task_dataloader(task, "train"), names)
 
 
 @pytest.mark.parametrize("algorithm", ["ita", "iel"])

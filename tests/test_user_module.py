@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
+from helpers import SeenLogits
 from torch.utils.data import DataLoader
 
 from lightning_taylor.callbacks import ITA, ContinualEvaluation, PreTuning
@@ -159,12 +160,9 @@ def test_plain_dataloaders_and_a_separate_head(tmp_path):
         if task == 0:  # the Fisher of task 0 at θ0 with the pre-tuned head, from scratch
             plain = Classifier(user.model, torch.nn.Linear(user.model.num_features, 10))
             plain.separate_head.load_state_dict(callback.pretuned_head)
-            seen = torch.nn.Sequential()  # logits of the seen classes only
-            seen.forward = lambda x: plain(x)[:, :K]
-            seen.add_module("model", plain)
             names = [f"model.backbone.{n}.weight" for n in user.task_deltas.names]
             with user.task_deltas.disabled():
-                reference = diagonal_fisher(seen, stream.task_dataloader(0, "train"), names)
+                reference = diagonal_fisher(SeenLogits(plain, K), stream.task_dataloader(0, "train"), names)
             current = callback.accumulator.curvature(include_current=True)
             for name in user.task_deltas.names:
                 expected = 1e-5 + reference.sums[f"model.backbone.{name}.weight"] / reference.count

@@ -30,10 +30,11 @@ from typing import Any, ClassVar, Literal, Sequence
 import lightning as L
 import torch
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save_file
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 
 from lightning_taylor._checks import (
     check_choice,
@@ -56,7 +57,7 @@ from lightning_taylor.deltas import DEFAULT_TARGETS, DeltaStyle, TaskDeltas, sav
 from lightning_taylor.editing import uniform
 from lightning_taylor.fisher import Estimator, FisherAccumulator, diagonal_fisher
 from lightning_taylor.penalties import Algorithm, decoupled_step, delta_penalty, head_penalty
-from lightning_taylor.seeding import mix
+from lightning_taylor.seeding import mix, run_seed
 
 log = logging.getLogger(__name__)
 
@@ -78,8 +79,8 @@ def _shard(loader: DataLoader, rank: int, world_size: int) -> DataLoader:
     """This process's strided share of ``loader``'s data set, without the padding of DistributedSampler."""
     if world_size == 1:
         return loader
-    indices = range(rank, len(loader.dataset), world_size)
-    return DataLoader(Subset(loader.dataset, indices), batch_size=loader.batch_size, num_workers=loader.num_workers,
+    sampler = UnrepeatedDistributedSampler(loader.dataset, world_size, rank, shuffle=False)
+    return DataLoader(loader.dataset, batch_size=loader.batch_size, sampler=sampler, num_workers=loader.num_workers,
                       collate_fn=loader.collate_fn)
 
 
@@ -184,8 +185,7 @@ class SecondOrder(L.Callback):
     # -- set-up ---------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_launcher(trainer, type(self).__name__)
-        if self.seed is None:  # follow seed_everything, resolved when the run starts
-            self.seed = int(os.environ.get("PL_GLOBAL_SEED", 0))
+        self.seed = run_seed(self.seed)  # follow seed_everything, resolved when the run starts
         model = self.model(pl_module)
         if getattr(pl_module, "task_deltas", None) is None:
             # θ0 stays fixed; the head and the deltas (registered here, before optimisers and DDP) train.
@@ -277,7 +277,7 @@ class SecondOrder(L.Callback):
         # A progress bar on rank zero when the trainer shows bars (the pass can be long: C backward rows per example).
         bar = None
         if trainer.is_global_zero and trainer.progress_bar_callback is not None:
-            bar = Tqdm(total=len(shard.dataset), desc=f"Fisher ({self.fisher_config['estimator']})", leave=False,
+            bar = Tqdm(total=len(shard.sampler), desc=f"Fisher ({self.fisher_config['estimator']})", leave=False,
                        unit="img", dynamic_ncols=True)
         try:
             with deltas.disabled():

@@ -29,7 +29,7 @@ from lightning_taylor.data.datasets import (
     load_imagefolder_splits,
 )
 from lightning_taylor.data.samplers import StreamSampler
-from lightning_taylor.seeding import mix
+from lightning_taylor.seeding import mix, run_seed
 from lightning_taylor.data.split import ClassIncrementalSplit, class_order
 from lightning_taylor.data.transforms import Transform, digits_transforms, image_transforms
 from lightning_taylor.data.views import TransformedSubset
@@ -356,7 +356,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         return (1, 0) if trainer is None else (int(trainer.world_size), int(trainer.global_rank))
 
     def _train_sampler(self, dataset: Dataset, task: int) -> StreamSampler:
-        seed = self.seed if self.seed is not None else int(os.environ.get("PL_GLOBAL_SEED", 0))
+        seed = run_seed(self.seed)
         # The task's first epoch: 0 in a fit of its own (set_task), task·E in one fit over the stream.
         first_epoch = 0 if self._task is not None else task * self.epochs_per_task
         world_size, rank = self._processes()
