@@ -5,10 +5,17 @@ from __future__ import annotations
 from typing import Any, Iterable
 
 
-def expected(name: str, what: str, got: Any, hint: str = "") -> ValueError:
-    """Build the project's standard ValueError for a bad argument."""
+class InputError(ValueError):
+    """A bad argument, file or setting: the message says which, its value and what was expected.
+
+    The ``lightning-taylor`` command prints these as one line (no traceback) and exits with status 2.
+    """
+
+
+def expected(name: str, what: str, got: Any, hint: str = "") -> InputError:
+    """Build the project's standard error for a bad argument."""
     message = f"Expected `{name}` to be {what}, but got {got!r}."
-    return ValueError(f"{message} {hint}".rstrip())
+    return InputError(f"{message} {hint}".rstrip())
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:

@@ -41,17 +41,21 @@ def embedded_metadata() -> dict[str, str]:
         return dict(f.metadata() or {})
 
 
-def resolve_model(model_name: str, pretrained: bool | str, model_kwargs: Mapping[str, Any] | None) -> tuple[str, dict]:
+def resolve_model(model_name: str | None, pretrained: bool | str,
+                  model_kwargs: Mapping[str, Any] | None) -> tuple[str, dict]:
     """The timm model name and constructor arguments, taking them from the metadata for ``"embedded"``."""
     kwargs = dict(model_kwargs or {})
     if pretrained == EMBEDDED:
         meta = embedded_metadata()
         return meta["model_name"], {**json.loads(meta["model_kwargs"]), **kwargs}
+    if not isinstance(model_name, str) or not model_name:
+        raise expected("model_name", f"a timm model name for pretrained={pretrained!r}", model_name,
+                       "Only `pretrained: embedded` takes its model from the weights file.")
     return model_name, kwargs
 
 
 def create_backbone(
-    model_name: str,
+    model_name: str | None,
     pretrained: bool | str,
     num_classes: int,
     model_kwargs: Mapping[str, Any] | None = None,

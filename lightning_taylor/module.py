@@ -45,8 +45,10 @@ class IncrementalViT(L.LightningModule):
     """A timm ViT for class-incremental learning with per-task deltas (added by the ITA / IEL callbacks).
 
     Args:
-        model_name: timm model name, e.g. ``vit_base_patch16_224.augreg_in21k``.
-        pretrained: ``True`` (timm hub), ``False``, ``"embedded"`` (the shipped tiny ViT) or a weights file.
+        model_name: timm model name, e.g. ``vit_base_patch16_224.augreg_in21k``; ``None`` with
+            ``pretrained="embedded"`` (the default) takes the shipped tiny ViT's name from its file.
+        pretrained: ``"embedded"`` (the shipped tiny ViT, offline), ``True`` (timm hub), ``False`` or a weights
+            file.
         model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``in_chans``, …).
         num_classes: classes of the whole stream (linked to the data module by the CLI).
         classes_per_task: head rows per task (linked to the data module by the CLI).
@@ -58,8 +60,8 @@ class IncrementalViT(L.LightningModule):
 
     def __init__(
         self,
-        model_name: str = "vit_base_patch16_224.augreg_in21k",
-        pretrained: bool | str = True,
+        model_name: str | None = None,
+        pretrained: bool | str = "embedded",
         model_kwargs: dict[str, Any] | None = None,
         num_classes: int = 10,
         classes_per_task: int = 2,
