@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any, Iterable
 
 
@@ -25,8 +26,15 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
 
 
 def check_non_negative(name: str, value: float) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-        raise expected(name, "a float >= 0", value)
+    """A finite float >= 0 (``inf`` passes ``>= 0`` but makes every update non-finite, so it is refused)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value >= 0 and math.isfinite(value)):
+        raise expected(name, "a finite float >= 0", value)
+
+
+def check_finite(name: str, value: float) -> None:
+    """A finite float (edit factors, coefficients)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise expected(name, "a finite float", value)
 
 
 def check_positive_int(name: str, value: int) -> None:

@@ -17,7 +17,14 @@ One callback runs the whole method on any LightningModule with a timm ViT and a 
 - ``on_train_end``: banks the last delta and saves deltas, Fisher and pre-tuned head as safetensors.
 
 Everything needed to resume mid-stream is in the checkpoint: deltas in the module's state, the rest
-(task index, Fisher sums and counts, pre-tuned head, head Fisher, mixtures) in this callback's state.
+(task index, Fisher sums and counts, pre-tuned head, head Fisher, mixtures) in this callback's state, with a
+record of the stream and the method it belongs to (:mod:`~lightning_taylor.callbacks.resume`): a resume with
+other settings is refused.
+
+Nothing non-finite is trained on or written (:mod:`~lightning_taylor.callbacks.guard`): every optimiser step
+checks its losses, gradients, penalty gradients and trainable tensors; every task boundary checks the
+pre-tuned head and the Fisher; a checkpoint is checked when it is loaded and refused when it would be saved
+with a non-finite tensor; the safetensors files are checked before they are written.
 """
 
 from __future__ import annotations
@@ -44,6 +51,7 @@ from lightning_taylor._checks import (
     expected,
 )
 from lightning_taylor.alignment import ClassMixtures, head_fisher
+from lightning_taylor.callbacks.guard import OnNonFinite, StepGuard
 from lightning_taylor.callbacks.pretuning import PreTuning, extract_features, pretune_head
 from lightning_taylor.callbacks.protocol import (
     Classifier,
@@ -53,8 +61,10 @@ from lightning_taylor.callbacks.protocol import (
     resolve_classifier,
     task_loader,
 )
+from lightning_taylor.callbacks.resume import check_delta_layout, check_record, stream_record
 from lightning_taylor.deltas import DEFAULT_TARGETS, DeltaStyle, TaskDeltas, save_deltas
 from lightning_taylor.editing import uniform
+from lightning_taylor.finite import check_finite, flatten_tensors
 from lightning_taylor.fisher import Estimator, FisherAccumulator, diagonal_fisher
 from lightning_taylor.penalties import Algorithm, decoupled_step, delta_penalty, head_penalty
 from lightning_taylor.seeding import mix, run_seed
@@ -116,6 +126,10 @@ class SecondOrder(L.Callback):
         classes_per_task: head rows per task, for streams whose DataModule and LightningModule do not say.
         epochs_per_task: for one ``fit`` over a stream whose DataModule and LightningModule do not state
             ``current_task``: task ``current_epoch // epochs_per_task``.
+        on_non_finite: ``"raise"`` (stop the fit, naming the task, step and tensor) or ``"skip_step"`` (drop
+            optimiser steps with a non-finite loss or gradient); see :mod:`~lightning_taylor.callbacks.guard`.
+        allow_strength_change: accept a resume whose ``strength`` differs from the checkpoint's (every other
+            recorded stream and method setting must match; see :mod:`~lightning_taylor.callbacks.resume`).
     """
 
     algorithm: ClassVar[Algorithm]
@@ -144,6 +158,8 @@ class SecondOrder(L.Callback):
         head: str | None = None,
         classes_per_task: int | None = None,
         epochs_per_task: int | None = None,
+        on_non_finite: OnNonFinite = "raise",
+        allow_strength_change: bool = False,
     ) -> None:
         check_non_negative("strength", strength)
         check_non_negative("lambda_l2", lambda_l2)
@@ -153,6 +169,15 @@ class SecondOrder(L.Callback):
         check_non_negative("max_grad_norm", max_grad_norm)
         check_choice("fisher_estimator", fisher_estimator, ("exact", "mc", "topk", "empirical"))
         check_positive_int("fisher_batch_size", fisher_batch_size)
+        check_positive_int("fisher_samples", fisher_samples)
+        check_positive_int("fisher_top_k", fisher_top_k)
+        check_non_negative("prior", prior)
+        check_choice("style", style, ("lora", "full", "ia3"))
+        check_positive_int("rank", rank)
+        check_positive_int("qkv_rank_factor", qkv_rank_factor)
+        check_choice("on_non_finite", on_non_finite, ("raise", "skip_step"))
+        if not isinstance(allow_strength_change, bool):
+            raise expected("allow_strength_change", "a bool", allow_strength_change)
         check_positive_int("head_fisher_samples", head_fisher_samples)
         for name, value in (("classes_per_task", classes_per_task), ("epochs_per_task", epochs_per_task)):
             if value is not None:
@@ -174,6 +199,8 @@ class SecondOrder(L.Callback):
         self.delta_config = dict(style=style, rank=rank, targets=tuple(targets), qkv_rank_factor=qkv_rank_factor)
         self.backbone, self.head = backbone, head
         self.classes_per_task, self.epochs_per_task = classes_per_task, epochs_per_task
+        self.guard, self.allow_strength_change = StepGuard(on_non_finite), allow_strength_change
+        self.record: dict[str, Any] = {}  # the stream and method of this fit (set up in `setup`)
         # State carried by checkpoints (see state_dict).
         self.task = -1
         self.accumulator = FisherAccumulator(prior)
@@ -192,8 +219,21 @@ class SecondOrder(L.Callback):
             model.backbone.requires_grad_(False)
             model.head.requires_grad_(True)
             pl_module.task_deltas = TaskDeltas(model.backbone, seed=self.seed, **self.delta_config)
+            # A checkpoint of another delta layout is named before PyTorch lists every missing key.
+            pl_module.task_deltas.register_load_state_dict_pre_hook(check_delta_layout)
+        self.record = {**stream_record(trainer, pl_module, {"classes_per_task": self.classes_per_task,
+                                                            "epochs_per_task": self.epochs_per_task}),
+                       **self._method_record()}
         if not self.pretuned_head:
             self.pretuned_head = {k: v.detach().float().cpu().clone() for k, v in model.head.state_dict().items()}
+
+    def _method_record(self) -> dict[str, Any]:
+        config = self.delta_config
+        fisher = {f"fisher_{k}": v for k, v in self._fisher_settings().items()}
+        return {"algorithm": self.algorithm, "strength": self.strength, "style": config["style"],
+                "rank": config["rank"], "qkv_rank_factor": config["qkv_rank_factor"],
+                "targets": list(config["targets"]), "penalty_mode": self.penalty_mode,
+                **{k: (int(v) if k != "fisher_estimator" else v) for k, v in fisher.items()}}
 
     def model(self, pl_module: L.LightningModule) -> Classifier:
         """Backbone and head of ``pl_module`` (looked up on every call: the callback holds no module)."""
@@ -250,14 +290,20 @@ class SecondOrder(L.Callback):
         # every rank takes rank zero's head and mixtures, so all ranks train against the same h̃.
         pretuned, mixtures = trainer.strategy.broadcast(
             ({k_: v.detach().clone() for k_, v in head.state_dict().items()}, self.mixtures.state_dict()), src=0)
+        label = f"[{self.algorithm.upper()}] task {task}"
+        check_finite(pretuned, f"the pre-tuned head of {label}",
+                     "Its features come from θ0 on this task's training images: check the inputs and the weights.")
         self.pretuned_head = pretuned
         self.mixtures = ClassMixtures.from_state_dict(mixtures)
         head.load_state_dict(pretuned)
 
         fisher = self._backbone_fisher(trainer, pl_module, task, task_classes.stop, loader)
+        check_finite(fisher.sums, f"the backbone Fisher of {label}")
+        head_curvature = self._head_fisher(head, task, k)
+        check_finite(head_curvature, f"the head Fisher of {label}")
         self.accumulator.set_task(task, fisher)
         self._curvature = None
-        self.head_curvature = self._head_fisher(head, task, k)
+        self.head_curvature = head_curvature
 
         for optimizer in trainer.optimizers:  # a new task starts with fresh AdamW moments
             optimizer.state.clear()
@@ -317,14 +363,20 @@ class SecondOrder(L.Callback):
             self._curvature = {k: v.to(device) for k, v in mean.items()}
         return self._curvature
 
+    def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
+        self.guard.add_loss(loss)
+
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         deltas = self._deltas(pl_module)
-        params = dict(deltas.named_parameters())
+        params = {f"task_deltas.{k}": v for k, v in deltas.named_parameters()}
         value, grads = delta_penalty(deltas, self.curvature(pl_module.device), self.algorithm, self.strength)
+        grads = {f"task_deltas.{k}": v for k, v in grads.items()}
         head = self.model(pl_module).head
         head_value, head_grads = self._head_penalty(trainer, pl_module, head)
         params.update({f"head.{k}": v for k, v in head.named_parameters()})
         grads.update({f"head.{k}": v for k, v in head_grads.items()})
+        if not self.guard.check_step(trainer, f"[{self.algorithm.upper()}] task {self.task}", params, grads):
+            return  # skip_step: no gradient, no penalty, no update
         if self.penalty_mode == "decoupled":
             group = optimizer.param_groups[0]
             factor = group["lr"] / group.get("initial_lr", group["lr"]) if group["lr"] else 0.0
@@ -362,10 +414,13 @@ class SecondOrder(L.Callback):
         deltas.bank()
         directory = self.save_dir or trainer.log_dir or trainer.default_root_dir
         if trainer.is_global_zero and directory:
+            fisher = self.accumulator.curvature(include_current=True)
+            for tensors, what in ((deltas.state_dict(), "the deltas"), (fisher, "the Fisher"),
+                                  (self.pretuned_head, "the pre-tuned head")):
+                check_finite(tensors, f"{what} to be saved in {directory}", "Nothing was written.")
             os.makedirs(directory, exist_ok=True)
             meta = {"algorithm": self.algorithm, "strength": str(self.strength), "penalty_mode": self.penalty_mode}
             save_deltas(deltas, os.path.join(directory, "deltas.safetensors"), metadata=meta)
-            fisher = self.accumulator.curvature(include_current=True)
             save_file({k: v.contiguous().cpu() for k, v in fisher.items()}, os.path.join(directory, "fisher.safetensors"),
                       metadata={"kind": "mean diagonal Fisher at θ0 over all tasks, prior included",
                                 "estimators": ",".join(self.accumulator.estimators), "prior": str(self.prior),
@@ -382,8 +437,23 @@ class SecondOrder(L.Callback):
         return {"estimator": config["estimator"], **{k: str(config[k]) for k in relevant}}
 
     # -- checkpointing --------------------------------------------------------------------------------
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """Refuse to write a checkpoint with a non-finite tensor (it would replace the last good one)."""
+        check_finite(flatten_tensors(checkpoint["state_dict"]), f"the checkpoint of epoch {trainer.current_epoch}",
+                     "It was not written; the last checkpoint on disk is the last good state.")
+        check_finite(flatten_tensors(self.state_dict()), f"the {type(self).__name__} state of epoch "
+                     f"{trainer.current_epoch}", "The checkpoint was not written.")
+
+    def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A damaged checkpoint (non-finite bytes) is refused before anything trains on it."""
+        self._loading_from = trainer.ckpt_path  # named by `load_state_dict`, which Lightning calls next
+        own = checkpoint.get("callbacks", {}).get(self.state_key, {})  # others may hold inf (ModelCheckpoint)
+        check_finite(flatten_tensors({"state_dict": checkpoint.get("state_dict", {}), self.state_key: own}),
+                     f"checkpoint {trainer.ckpt_path}", "The file is damaged: resume from an earlier checkpoint.")
+
     def state_dict(self) -> dict[str, Any]:
         return {
+            "record": self.record,
             "task": self.task,
             "accumulator": self.accumulator.get_extra_state(),
             "mixtures": None if self.mixtures is None else self.mixtures.state_dict(),
@@ -393,6 +463,9 @@ class SecondOrder(L.Callback):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.record and "record" in state_dict:  # Lightning restores callbacks after `setup`
+            check_record(state_dict["record"], self.record, self.allow_strength_change,
+                         getattr(self, "_loading_from", None))
         self.task = state_dict["task"]
         self.accumulator.set_extra_state(state_dict["accumulator"])
         mixtures = state_dict["mixtures"]
