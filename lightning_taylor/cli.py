@@ -1,24 +1,94 @@
 """The ``lightning-taylor`` command: a LightningCLI over :class:`IncrementalViT` and the task-stream data.
 
-``lightning-taylor fit --config configs/digits/ita.yaml`` runs a whole stream in one ``fit``;
-``--ckpt_path`` resumes mid-stream; ``--print_config`` shows every option. The trainer's epoch schedule
-follows from the data: ``max_epochs = num_tasks × epochs_per_task``, data reloaded and the model validated
-at every task boundary. These are linked, so setting them by hand is refused.
+``lightning-taylor fit`` with no config runs the offline demo (ITA on the embedded digits stream with the
+shipped tiny ViT), so ``lightning-taylor fit --print_config`` documents every option of the method; the
+paper's settings are in ``configs/<benchmark>/``. One ``fit`` runs a whole stream; ``--ckpt_path`` resumes it
+mid-stream in the same run directory. ``test`` / ``validate`` (and ``fit``) given only ``--ckpt_path`` — a
+checkpoint or a run directory — take the run's recorded ``config.yaml``. The trainer's epoch schedule follows
+from the data: ``max_epochs = num_tasks × epochs_per_task``, data reloaded and the model validated at every
+task boundary; setting them otherwise is refused.
 
-``lightning-taylor edit RUN [--drop K ...] [--keep K ...] [--factor K=M ...] [--layer-factor 'PATTERN:K=M']
-[--mask-removed] [--export FILE]`` edits a finished run's composition (unlearning, specialisation,
-reweighting), prints and saves the per-task accuracy before and after, and optionally exports the merged
-model for plain timm; see :mod:`lightning_taylor.edit` (``lightning-taylor edit --help``).
+``lightning-taylor edit RUN ...`` edits a finished run's composition (see ``lightning-taylor edit --help``).
+
+Bad settings and non-finite values end the command with a one-line message (exit status 2 and 1); set
+``LIGHTNING_TAYLOR_TRACEBACK=1`` for the full traceback.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import sys
+from pathlib import Path
+from typing import Any, Sequence
 
-from lightning.pytorch.cli import LightningCLI
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch.accelerators import CPUAccelerator
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_info
 
+import lightning_taylor.callbacks  # noqa: F401 (short class names: `--trainer.callbacks+=ITA`)
+from lightning_taylor._checks import InputError, check_positive_int, expected
+from lightning_taylor.console import quiet_lightning
 from lightning_taylor.data import TaskStreamDataModule
+from lightning_taylor.finite import NonFiniteError
 from lightning_taylor.module import IncrementalViT
+from lightning_taylor.threads import auto_threads, available_cores, current_load
+
+log = logging.getLogger(__name__)
+
+#: The offline demo, the command's defaults (``configs/digits/ita.yaml`` spells out the same run).
+DEMO_DIR = "runs/digits/ita"
+DEMO_TRAINER: dict[str, Any] = {
+    "num_sanity_val_steps": 0,
+    "reload_dataloaders_every_n_epochs": 1,
+    "deterministic": True,
+    "log_every_n_steps": 5,
+    "default_root_dir": DEMO_DIR,
+    "logger": {"class_path": "lightning_taylor.loggers.ResumableCSVLogger",
+               "init_args": {"save_dir": DEMO_DIR, "name": ""}},
+}
+#: The demo's callbacks: a default of `trainer.callbacks` (a config's own list replaces it).
+DEMO_CALLBACKS: list[dict[str, Any]] = [
+    {"class_path": "lightning_taylor.callbacks.ITA",
+     "init_args": {"alpha": 100.0, "lambda_fisher": 1.0, "lambda_l2": 0.001, "rank": 4}},
+    {"class_path": "lightning_taylor.callbacks.ContinualEvaluation"},
+    {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+     "init_args": {"save_last": "link", "save_on_train_epoch_end": True}},
+]
+
+SUBCOMMANDS = {
+    "fit": "train a whole task stream (no config: the offline ITA demo); --ckpt_path resumes it",
+    "validate": "evaluate the seen tasks of a run (--ckpt_path CHECKPOINT_OR_RUN_DIR)",
+    "test": "evaluate the whole stream of a run (--ckpt_path CHECKPOINT_OR_RUN_DIR)",
+    "predict": "LightningCLI's predict (needs a predict_dataloader)",
+    "edit": "unlearn / specialise / reweight a finished run's task deltas, evaluate, export for plain timm",
+}
+
+
+class SaveRunConfig(SaveConfigCallback):
+    """Lightning's config saver, but a resumed ``fit`` writes ``config.yaml`` only once its checkpoint is accepted.
+
+    The run's ``config.yaml`` is what ``test`` / ``validate`` / ``edit`` rebuild the run from, so a resume that
+    is refused (another stream, another method) must leave it untouched.
+
+    Args:
+        resuming: ``fit`` continues from a checkpoint (set by :class:`TaylorCLI`).
+        **kwargs: see ``SaveConfigCallback``.
+    """
+
+    def __init__(self, *args: Any, resuming: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.resuming = resuming
+
+    def setup(self, trainer, pl_module, stage: str) -> None:  # noqa: ANN001
+        if not (self.resuming and stage == "fit"):
+            super().setup(trainer, pl_module, stage)
+
+    def on_train_start(self, trainer, pl_module) -> None:  # noqa: ANN001 (the checkpoint has been restored)
+        if self.resuming:
+            super().setup(trainer, pl_module, "fit")
 
 
 class TaylorCLI(LightningCLI):
@@ -26,24 +96,125 @@ class TaylorCLI(LightningCLI):
 
     ``max_epochs`` and ``check_val_every_n_epoch`` follow from ``num_tasks × epochs_per_task``; leave them
     unset (a value that disagrees is refused). Loaders are rebuilt every epoch (cheap), so a task boundary is
-    never missed, also after resuming mid-task.
+    never missed, also after resuming mid-task. ``--threads`` sets the CPU threads (default: chosen from the
+    free cores, :mod:`lightning_taylor.threads`).
     """
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
         parser.link_arguments("data.epochs_per_task", "model.epochs_per_task")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data.classes_per_task", "model.classes_per_task", apply_on="instantiate")
+        parser.set_defaults({"trainer.callbacks": DEMO_CALLBACKS})
+        parser.add_argument("--threads", type=int | None, default=None,
+                            help="CPU intra-op threads; default: the free cores (load average) over the CPU "
+                                 "processes; an OMP_NUM_THREADS in the environment is kept")
+
+    @property
+    def _config(self) -> Namespace:
+        """This subcommand's config (the whole config when built with ``run=False``)."""
+        return self.config[self.subcommand] if self.subcommand else self.config
+
+    def before_instantiate_classes(self) -> None:
+        config = self._config
+        if config.get("ckpt_path"):
+            config.ckpt_path = os.fspath(find_checkpoint(config.ckpt_path))
+            _log_into_run(config, self.subcommand)
+        self.save_config_kwargs = {**self.save_config_kwargs,
+                                   "resuming": self.subcommand == "fit" and bool(config.get("ckpt_path"))}
+        if self.subcommand in ("validate", "test"):
+            _without_checkpointing(config)
+
+    def instantiate_classes(self) -> None:
+        super().instantiate_classes()
+        self._set_threads(self._config.get("threads"))
+
+    def _set_threads(self, threads: int | None) -> None:
+        if not isinstance(self.trainer.accelerator, CPUAccelerator):
+            return
+        if threads is not None:
+            check_positive_int("threads", threads)
+            reason = "--threads"
+        elif "OMP_NUM_THREADS" in os.environ:
+            return
+        else:
+            cores, load = available_cores(), current_load()
+            threads = auto_threads(cores, load, max(1, self.trainer.num_devices))
+            reason = f"{cores} cores, load {load:.1f}, {self.trainer.num_devices} process(es); --threads to change"
+        torch.set_num_threads(threads)
+        rank_zero_info(f"CPU threads: {threads} ({reason})")
 
     def before_fit(self) -> None:
         data, trainer = self.datamodule, self.trainer
         configured = self.config[self.subcommand].trainer.max_epochs
         if configured is not None and configured != data.max_epochs:
-            raise ValueError(
-                f"Expected `trainer.max_epochs` to be num_tasks × epochs_per_task = {data.num_tasks} × "
-                f"{data.epochs_per_task} = {data.max_epochs} (or unset), but got {configured}."
-            )
+            raise expected(
+                "trainer.max_epochs", f"num_tasks × epochs_per_task = {data.num_tasks} × {data.epochs_per_task} = "
+                f"{data.max_epochs} (or unset)", configured)
         trainer.fit_loop.max_epochs = data.max_epochs
         trainer.check_val_every_n_epoch = data.epochs_per_task
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """``path`` if it is a file, else its ``checkpoints/last.ckpt`` (a run directory)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    last = path / "checkpoints" / "last.ckpt"
+    if last.is_file():
+        return last
+    raise expected("ckpt_path", "a checkpoint file or a run directory holding checkpoints/last.ckpt",
+                   os.fspath(path))
+
+
+def run_directory(checkpoint: Path) -> Path:
+    """The run a checkpoint belongs to: the parent of its ``checkpoints/`` folder (else its own folder)."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def _log_into_run(config: Namespace, subcommand: str) -> None:
+    """A resumed ``fit`` logs into the run it continues; ``test`` / ``validate`` into ``<run>/<subcommand>/``."""
+    logger = config.trainer.get("logger")
+    init = logger.get("init_args") if isinstance(logger, Namespace) else None
+    if init is None or init.get("save_dir") is None:
+        return  # no logger, or not one with a save_dir / name / version layout: nothing to continue
+    run = run_directory(Path(config.ckpt_path))
+    if subcommand == "fit":
+        parent = Path(init.save_dir) / (init.get("name") or "")
+        if init.get("version") is None and run.parent.resolve() == parent.resolve():
+            init.version = run.name
+    elif (run / "config.yaml").is_file():
+        init.save_dir, init.name, init.version = os.fspath(run), subcommand, None
+
+
+def _without_checkpointing(config: Namespace) -> None:
+    """``test`` / ``validate`` write no checkpoint: the run's ModelCheckpoint would only warn about its folder."""
+    callbacks = config.trainer.get("callbacks") or []
+    config.trainer.callbacks = [c for c in callbacks if not str(getattr(c, "class_path", "")).endswith(
+        "ModelCheckpoint")]
+
+
+def _with_run_config(args: list[str]) -> list[str]:
+    """``SUBCOMMAND --ckpt_path RUN`` without ``--config``: the run's recorded ``config.yaml`` goes first."""
+    if not args or args[0] not in ("fit", "validate", "test") or {"-c", "--config"} & set(args) \
+            or any(a.startswith("--config=") for a in args):
+        return args
+    ckpt = _option(args, "--ckpt_path")
+    if ckpt is None:
+        return args
+    config = run_directory(find_checkpoint(ckpt)) / "config.yaml"
+    if not config.is_file():
+        raise expected("--ckpt_path", "a checkpoint of a run whose directory holds its config.yaml", ckpt,
+                       "Pass the run's settings with --config FILE.")
+    return [args[0], "--config", os.fspath(config), *args[1:]]
+
+
+def _option(args: Sequence[str], name: str) -> str | None:
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            return args[i + 1]
+        if arg.startswith(name + "="):
+            return arg.split("=", 1)[1]
+    return None
 
 
 def cli(args: list[str] | None = None, run: bool = True) -> TaylorCLI:
@@ -53,19 +224,48 @@ def cli(args: list[str] | None = None, run: bool = True) -> TaylorCLI:
         TaskStreamDataModule,
         args=args,
         run=run,
+        seed_everything_default=0,
+        save_config_callback=SaveRunConfig,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"num_sanity_val_steps": 0, "reload_dataloaders_every_n_epochs": 1},
+        trainer_defaults=DEMO_TRAINER,
+        parser_kwargs={name: {"description": f"lightning-taylor {name}: {text}."}
+                       for name, text in SUBCOMMANDS.items() if name != "edit"},
     )
 
 
-def main() -> None:
-    """Console-script entry point (returns nothing, so the exit status is 0)."""
-    if sys.argv[1:2] == ["edit"]:  # a plain subcommand next to LightningCLI's fit / validate / test / ...
-        from lightning_taylor.edit import main as edit_main
+def overview() -> str:
+    """``lightning-taylor --help``: what the command is and its subcommands."""
+    width = max(map(len, SUBCOMMANDS))
+    lines = ["usage: lightning-taylor SUBCOMMAND [options]", "",
+             "Incremental learning for pre-trained Vision Transformers by second-order task arithmetic (ITA / IEL).",
+             "", "subcommands:"]
+    lines += [f"  {name:<{width}}  {text}" for name, text in SUBCOMMANDS.items()]
+    lines += ["", "`lightning-taylor SUBCOMMAND --help` lists a subcommand's options; `lightning-taylor fit` alone "
+              "runs the offline demo."]
+    return "\n".join(lines)
 
-        edit_main(sys.argv[2:])
-        return
-    cli()
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console-script entry point: one-line errors for bad input (exit 2) and non-finite values (exit 1)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    quiet_lightning()
+    try:
+        if args[:1] == ["edit"]:  # a plain subcommand next to LightningCLI's fit / validate / test / ...
+            from lightning_taylor.edit import main as edit_main
+
+            edit_main(args[1:])
+        elif not args or args[0] in ("-h", "--help"):
+            print(overview())  # noqa: T201 (the command's output)
+            if not args:
+                raise SystemExit(2)
+        else:
+            sys.argv[1:] = _with_run_config(args)  # LightningCLI reads sys.argv (and warns when given both)
+            cli()
+    except (InputError, NonFiniteError) as err:
+        if os.environ.get("LIGHTNING_TAYLOR_TRACEBACK"):
+            raise
+        print(f"lightning-taylor: error: {err}", file=sys.stderr)  # noqa: T201
+        raise SystemExit(2 if isinstance(err, InputError) else 1) from None
 
 
 if __name__ == "__main__":

@@ -211,8 +211,8 @@ class AccuracyMatrix:
             lines.append(f"{t:>5} |{cells} |{_percent(self.average_accuracy(t))}{_percent(self.forgetting(t))}")
         return "\n".join(lines)
 
-    def to_png(self, path: str | os.PathLike, title: str | None = None) -> None:
-        """Save a heatmap of ``R`` in percent (cells annotated), rows = after task ``t``, columns = task ``j``.
+    def figure(self, title: str | None = None):  # noqa: ANN201 (a matplotlib Figure)
+        """A heatmap of ``R`` in percent (cells annotated), rows = after task ``t``, columns = task ``j``.
 
         Drawn on a standalone Agg canvas, so no pyplot state or interactive backend is involved.
         """
@@ -236,11 +236,22 @@ class AccuracyMatrix:
         axes.set_yticks(range(size), [str(t) for t in range(size)])
         axes.set_xlabel("evaluated task j")
         axes.set_ylabel("after training task t")
-        title = title if title is not None else f"{self.name} accuracy (%)"
-        axes.set_title(title)
+        axes.set_title(title if title is not None else f"{self.name} accuracy (%)")
         figure.colorbar(image, ax=axes, label="accuracy (%)")
         figure.tight_layout()
-        figure.savefig(path, dpi=100)
+        return figure
+
+    def to_png(self, path: str | os.PathLike, title: str | None = None) -> None:
+        """Save :meth:`figure` as a PNG."""
+        self.figure(title).savefig(path, dpi=100)
+
+    def table(self) -> tuple[list[str], list[list[float | None]]]:
+        """``(columns, rows)`` of ``R`` in percent for loggers' tables (``None`` above the diagonal)."""
+        size = len(self._rows)
+        columns = ["after_task", *(f"task_{j}" for j in range(size)), "average_accuracy", "forgetting"]
+        data = [[t, *(100 * v for v in row), *([None] * (size - t - 1)), 100 * self.average_accuracy(t),
+                 100 * self.forgetting(t)] for t, row in enumerate(self._rows)]
+        return columns, data
 
     def state_dict(self) -> dict[str, Any]:
         """Plain values only (a string and lists of floats), for a callback's checkpoint state."""

@@ -7,7 +7,11 @@ examples, summed across processes by torchmetrics). Two matrices are kept:
 - class-incremental: argmax over all classes seen so far;
 - task-incremental: argmax within the example's own task's classes.
 
-At the end of ``fit`` both are printed as tables and written to ``accuracy_class_il.csv`` /
+After every task the average accuracy and the forgetting of both settings are logged as scalars
+(``val/class_il/avg_acc``, ``val/class_il/forgetting``, ...; forgetting from the second task on) through the
+trainer's loggers, and the matrix goes to the loggers that take pictures or tables: a heatmap to
+TensorBoard (``add_figure``) and to loggers with ``log_image`` (W&B), a table to loggers with ``log_table``
+(W&B). At the end of ``fit`` both matrices are printed as tables and written to ``accuracy_class_il.csv`` /
 ``accuracy_class_il.png`` (and ``task_il``) in ``output_dir`` (default: the logger's directory).
 
 The stream (``num_tasks``, ``classes_per_task``, ``current_task``, ``epochs_per_task``) is read as the ITA / IEL
@@ -24,10 +28,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.loggers import Logger
 
 from lightning_taylor._checks import check_positive_int
 from lightning_taylor.callbacks.protocol import current_task, require, stream_value
+from lightning_taylor.console import show
 from lightning_taylor.metrics import AccuracyMatrix, ContinualAccuracy
 
 SETTINGS = ("class_il", "task_il")
@@ -109,7 +114,7 @@ class ContinualEvaluation(L.Callback):
         accuracies = self._record(trainer, pl_module, "test", add_row=False)
         for name, values in accuracies.items():
             cells = "  ".join(f"task {j}: {100 * a:.2f}" for j, a in enumerate(values))
-            rank_zero_info(f"test {name} accuracy (%): {cells}  | avg {100 * sum(values) / len(values):.2f}")
+            show(trainer, f"test {name} accuracy (%): {cells}  | avg {100 * sum(values) / len(values):.2f}")
 
     def _record(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str, add_row: bool) -> dict:
         seen = self._seen_tasks(trainer, pl_module)
@@ -121,10 +126,15 @@ class ContinualEvaluation(L.Callback):
             for task, acc in enumerate(accuracies):
                 pl_module.log(f"{stage}/{name}/task{task}", acc, sync_dist=False)
             if add_row:
-                self.matrices[name].add_row(seen - 1, accuracies)
+                matrix = self.matrices[name]
+                matrix.add_row(seen - 1, accuracies)
+                if seen > 1:
+                    pl_module.log(f"{stage}/{name}/forgetting", matrix.forgetting(), sync_dist=False)
+                if trainer.is_global_zero:
+                    log_matrix(trainer.loggers, f"{stage}/{name}/accuracy_matrix", matrix, seen - 1)
             per_setting[name] = accuracies
         if add_row:
-            rank_zero_info(f"After task {seen - 1}:\n{self.report()}")
+            show(trainer, f"After task {seen - 1}:\n{self.report()}")
         return per_setting
 
     def report(self) -> str:
@@ -140,7 +150,7 @@ class ContinualEvaluation(L.Callback):
             matrix = self.matrices[name]
             matrix.to_csv(os.path.join(directory, f"accuracy_{name}.csv"))
             matrix.to_png(os.path.join(directory, f"accuracy_{name}.png"), title=f"{name.replace('_', '-')} accuracy")
-        rank_zero_info(f"Final accuracy matrices:\n{self.report()}\nWritten to {directory}")
+        show(trainer, f"Final accuracy matrices:\n{self.report()}\nWritten to {directory}")
 
     def state_dict(self) -> dict[str, Any]:
         return {name: matrix.state_dict() for name, matrix in self.matrices.items()}
@@ -148,3 +158,16 @@ class ContinualEvaluation(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         for name, matrix in self.matrices.items():
             matrix.load_state_dict(state_dict[name])
+
+
+def log_matrix(loggers: list[Logger], key: str, matrix: AccuracyMatrix, task: int) -> None:
+    """Send the matrix after ``task`` to the loggers that take figures (TensorBoard, W&B) or tables (W&B)."""
+    for logger in loggers:
+        experiment = logger.experiment
+        if hasattr(experiment, "add_figure"):  # TensorBoard's SummaryWriter
+            experiment.add_figure(key, matrix.figure(), global_step=task)
+        elif hasattr(logger, "log_image"):
+            logger.log_image(key=key, images=[matrix.figure()], step=task)
+        if hasattr(logger, "log_table"):
+            columns, data = matrix.table()
+            logger.log_table(key=f"{key}_table", columns=columns, data=data, step=task)

@@ -38,7 +38,6 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
-from lightning.pytorch.utilities import rank_zero_info
 from safetensors.torch import save_file
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
@@ -63,6 +62,7 @@ from lightning_taylor.callbacks.protocol import (
 )
 from lightning_taylor.callbacks.resume import check_delta_layout, check_record, stream_record
 from lightning_taylor.deltas import DEFAULT_TARGETS, DeltaStyle, TaskDeltas, save_deltas
+from lightning_taylor.console import show
 from lightning_taylor.editing import uniform
 from lightning_taylor.finite import check_finite, flatten_tensors
 from lightning_taylor.fisher import Estimator, FisherAccumulator, diagonal_fisher
@@ -212,6 +212,11 @@ class SecondOrder(L.Callback):
     # -- set-up ---------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         check_launcher(trainer, type(self).__name__)
+        others = [type(c).__name__ for c in trainer.callbacks if isinstance(c, SecondOrder) and c is not self]
+        if others:
+            raise expected("trainer.callbacks", "one ITA / IEL / baseline callback", [type(self).__name__, *others],
+                           "Each one attaches and trains its own deltas; keep one (a config's `trainer.callbacks` "
+                           "list replaces the default demo list, `--trainer.callbacks+=` appends to it).")
         self.seed = run_seed(self.seed)  # follow seed_everything, resolved when the run starts
         model = self.model(pl_module)
         if getattr(pl_module, "task_deltas", None) is None:
@@ -277,7 +282,7 @@ class SecondOrder(L.Callback):
         deltas, model = self._deltas(pl_module), self.model(pl_module)
         k = self._classes_per_task(trainer, pl_module)
         task_classes = range(task * k, (task + 1) * k)
-        rank_zero_info(f"[{self.algorithm.upper()}] task {task}: classes {task_classes.start}..{task_classes.stop - 1}")
+        show(trainer, f"[{self.algorithm.upper()}] task {task}: classes {task_classes.start}..{task_classes.stop - 1}")
         deltas.begin_task(task)
         loader = task_loader(trainer, task, self.fisher_batch_size)
 
@@ -336,7 +341,7 @@ class SecondOrder(L.Callback):
                 bar.close()
         fisher.all_reduce()  # every rank reaches this collective; sums and counts, divided later
         fisher.sums = {name[len("model.backbone.") :]: value for name, value in fisher.sums.items()}
-        rank_zero_info(f"[{self.algorithm.upper()}] Fisher ({fisher.estimator}) over {fisher.count} examples")
+        show(trainer, f"[{self.algorithm.upper()}] Fisher ({fisher.estimator}) over {fisher.count} examples")
         return fisher
 
     def _head_fisher_classes(self, task: int, classes_per_task: int) -> range:
@@ -428,7 +433,7 @@ class SecondOrder(L.Callback):
                                 **self._fisher_settings()})
             save_file({k: v.contiguous() for k, v in self.pretuned_head.items()},
                       os.path.join(directory, "pretuned_head.safetensors"))
-            rank_zero_info(f"[{self.algorithm.upper()}] deltas, Fisher and pre-tuned head saved in {directory}")
+            show(trainer, f"[{self.algorithm.upper()}] deltas, Fisher and pre-tuned head saved in {directory}")
 
     def _fisher_settings(self) -> dict[str, str]:
         """The estimator and the settings that matter for it (recorded with every saved Fisher)."""
