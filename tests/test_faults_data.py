@@ -108,13 +108,9 @@ def test_an_unreadable_image_is_named_when_decoded(tmp_path, damage):
         bad.write_text("not an image")
     dm = TaskStreamDataModule(dataset="imagefolder", root=str(root), num_tasks=1, batch_size=4, image_size=8)
     dm.setup()  # the index is built without decoding anything
-    dataset = dm.task_dataset(0)
-    dataset[0]
+    dm.task_dataset(0)[0]  # the other files still decode
     pattern = rf"`image file` to be an image that PIL can decode, but got {re.escape(repr(str(bad)))}\."
     with pytest.raises(InputError, match=pattern):
-        [dataset[i] for i in range(len(dataset))]
-    dm.num_workers = 1  # the same message out of a worker process
-    with pytest.raises(InputError, match=re.escape(repr(str(bad)))):
         list(dm.train_dataloader())
 
 

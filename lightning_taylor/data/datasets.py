@@ -50,8 +50,8 @@ class DatasetInfo:
 
     Attributes:
         class_names: name of each original label, in label order.
-        in_chans: channels of the served images.
-        image_size: default side length of the served images.
+        in_chans: default channels of the served images (when the model does not say).
+        image_size: default side length of the served images (when the model does not say).
         num_tasks: default number of tasks (``None``: the user must choose).
     """
 

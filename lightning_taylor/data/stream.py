@@ -88,7 +88,8 @@ class TaskStreamDataModule(L.LightningDataModule):
           root/train/<class>/<image>.{jpg,png,...}
           root/test/<class>/<image>.{jpg,png,...}
 
-      read with torchvision's ``ImageFolder`` (RGB; classes numbered in sorted folder-name order; ``train``
+      read with torchvision's ``ImageFolder`` (images of any size and mode, decoded when first used, a file
+      that cannot be decoded named in the error; classes numbered in sorted folder-name order; ``train``
       and ``test`` must have the same class folders). ``num_tasks`` must be given.
 
     CIFAR-100 and image folders are served at ``image_size`` with random resized crops (80–100 %)
