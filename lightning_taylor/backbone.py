@@ -147,10 +147,10 @@ def load_weights(model: nn.Module, path: Path) -> None:
         except Exception as err:  # the family's conversion failed: this file is not a checkpoint of it
             raise expected("pretrained", f"weights of a {type(model).__name__}", str(path),
                            f"timm's checkpoint conversion failed: {type(err).__name__}: {err}") from err
-    classifier = next(name for name, module in model.named_modules() if module is model.get_classifier())
+    classifier = next((name for name, module in model.named_modules() if module is model.get_classifier()), "head")
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(f"{classifier}.")}
     state = {k: v for k, v in state.items() if not k.startswith(f"{classifier}.")}
-    first_conv = f"{model.pretrained_cfg.get('first_conv') or 'patch_embed.proj'}.weight"
+    first_conv = f"{(getattr(model, 'pretrained_cfg', None) or {}).get('first_conv') or 'patch_embed.proj'}.weight"
     weight = state.get(first_conv)
     if weight is not None and first_conv in own and weight.ndim == 4 and weight.shape[1] != own[first_conv].shape[1]:
         log.info("Adapting %s of %s from %d to %d input channels", first_conv, path, weight.shape[1],
