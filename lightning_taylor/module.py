@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lightning_taylor._checks import check_non_negative, check_positive_int, expected
-from lightning_taylor.backbone import create_backbone
+from lightning_taylor.backbone import create_backbone, input_size
 
 
 class TaskCosine:
@@ -87,6 +87,11 @@ class IncrementalViT(L.LightningModule):
     @property
     def head(self) -> torch.nn.Linear:
         return self.backbone.get_classifier()
+
+    @property
+    def input_size(self) -> tuple[int, int, int] | None:
+        """``(C, H, W)`` the backbone expects (its patch embedding); the task stream serves images of this size."""
+        return input_size(self.backbone)
 
     @property
     def current_task(self) -> int:

@@ -18,6 +18,8 @@ def test_configs_are_found():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: "/".join(Path(p).parts[-2:]))
 def test_shipped_config_parses_and_instantiates(config):
+    if "imagefolder" in config:
+        pytest.skip("a template whose root is a placeholder: tests/test_data.py fits it on a fake folder")
     pretrained = [] if "digits" in config else OFFLINE  # the digits configs use the embedded backbone offline
     parsed = cli(["--config", config, *pretrained], run=False)
     data, model, trainer = parsed.datamodule, parsed.model, parsed.trainer

@@ -502,3 +502,94 @@ def test_imagefolder_class_without_images(image_folder):
     assert dm.root == str(image_folder) and dm.hparams.root == str(image_folder)
     with pytest.raises(ValueError, match="`root`.*at least one image"):
         dm.setup()
+
+
+# ----------------------------------------------------------------------------------- input of the model
+
+
+def test_to_channels_converts_pil_and_tensors():
+    from lightning_taylor.data.transforms import ToChannels
+
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8))
+    assert np.array_equal(np.asarray(ToChannels(1)(rgb)), np.asarray(rgb.convert("L")))  # PIL's luminance
+    grey = rgb.convert("L")
+    assert np.array_equal(np.asarray(ToChannels(3)(grey)), np.repeat(np.asarray(grey)[..., None], 3, axis=2))
+    assert ToChannels(3)(rgb) is rgb and ToChannels(3)(rgb.convert("P")).mode == "RGB"
+    x = torch.rand(1, 5, 7)
+    assert ToChannels(1)(x) is x and torch.equal(ToChannels(3)(x), x.repeat(3, 1, 1))
+    luminance = (torch.tensor([0.2989, 0.587, 0.114]).view(3, 1, 1) * x.repeat(3, 1, 1)).sum(0, keepdim=True)
+    assert torch.allclose(ToChannels(1)(x.repeat(3, 1, 1)), luminance, atol=1e-6)
+
+
+class _PlainTimmModule(L.LightningModule):
+    """A user's module: a timm ViT in an attribute of its own name, no `input_size`."""
+
+    def __init__(self, **kwargs):
+        super().__init__()
+        import timm
+
+        self.net = timm.create_model("vit_tiny_patch16_224", pretrained=False, patch_size=8, embed_dim=24, depth=1,
+                                     num_heads=2, num_classes=4, **kwargs)
+
+
+def test_stream_follows_the_model_input(image_folder):
+    from lightning_taylor.module import IncrementalViT
+
+    dm = TaskStreamDataModule(dataset="imagefolder", root=str(image_folder), num_tasks=2, batch_size=4, mean=0.5)
+    assert (dm.in_chans, dm.image_size) == (3, 224)  # the data set's defaults until a model says otherwise
+    dm.follow_model(IncrementalViT(num_classes=4))  # the embedded backbone: 1 channel, 28 px
+    assert (dm.in_chans, dm.image_size, dm.mean) == (1, 28, (0.5,))
+    x, _ = next(iter(dm.train_dataloader()))
+    assert x.shape == (4, 1, 28, 28)
+    # Digits for an RGB model found through its patch embedding: the grey channel repeated, resized once.
+    digits = TaskStreamDataModule(augment=False, mean=[0.5], std=0.25)
+    digits.follow_model(_PlainTimmModule(img_size=16, in_chans=3))
+    assert (digits.in_chans, digits.image_size, digits.mean, digits.std) == (3, 16, (0.5,) * 3, (0.25,) * 3)
+    x, _ = next(iter(digits.task_dataloader(0)))
+    assert x.shape[1:] == (3, 16, 16) and torch.equal(x[:, 0], x[:, 2])
+    assert torch.equal(x[:, :1], next(iter(TaskStreamDataModule(augment=False, image_size=16, std=0.25)
+                                            .task_dataloader(0)))[0])
+    # A module's own `input_size` wins; one that is not (C, H, W) is not ours to interpret.
+    stated = _PlainTimmModule(img_size=16)
+    stated.input_size = (1, 24, 24)
+    digits.follow_model(stated)
+    assert (digits.in_chans, digits.image_size) == (1, 24)
+    stated.input_size = 784
+    digits.follow_model(stated)
+    assert (digits.in_chans, digits.image_size) == (3, 16)
+    # Without a model the data set's defaults (or the explicit settings) apply.
+    assert TaskStreamDataModule(in_chans=3).in_chans == 3
+
+
+def write_odd_folder(root: Path, grey: bool, classes: int = 4, train: int = 6, test: int = 2) -> Path:
+    """JPEG and PNG photos of 40×30 and 30×41 pixels, RGB or grey."""
+    rng = np.random.default_rng(1)
+    for split, count in (("train", train), ("test", test)):
+        for c in range(classes):
+            folder = root / split / f"class_{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                height, width = (30, 40) if i % 2 else (41, 30)
+                pixels = rng.integers(0, 256, size=(height, width) + (() if grey else (3,)), dtype=np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.{'png' if i % 3 else 'jpg'}")
+    return root
+
+
+@pytest.mark.parametrize("grey", [False, True], ids=["rgb", "grey"])
+def test_imagefolder_template_fits_with_the_default_backbone(tmp_path, grey):
+    from lightning_taylor.callbacks import ITA
+    from lightning_taylor.cli import cli
+
+    root = write_odd_folder(tmp_path / "images", grey)
+    config = Path(__file__).parents[1] / "configs" / "imagefolder" / "ita.yaml"
+    run = tmp_path / "run"
+    parsed = cli(["fit", "--config", str(config), "--data.root", str(root), "--data.epochs_per_task", "1",
+                  "--data.batch_size", "8", "--trainer.default_root_dir", str(run), "--trainer.logger.save_dir",
+                  str(run), "--trainer.enable_progress_bar", "false"])
+    data, model, trainer = parsed.datamodule, parsed.model, parsed.trainer
+    assert type(next(c for c in trainer.callbacks if isinstance(c, ITA))) is ITA
+    assert (data.in_chans, data.image_size) == (1, 28) and model.input_size == (1, 28, 28)
+    assert trainer.current_epoch == 2 and model.task_deltas.banked_tasks == [0, 1]
+    version = run / "version_0"
+    assert (version / "checkpoints" / "last.ckpt").is_file() and (version / "deltas.safetensors").is_file()
+    assert len((version / "accuracy_class_il.csv").read_text().strip().splitlines()) == 1 + 2  # header, 2 tasks

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from lightning_taylor._checks import expected
 from lightning_taylor.alignment import ClassMixtures, align_head, alignment_epochs, fit_class_mixtures, linear_probe
 
 
@@ -51,16 +52,33 @@ class PreTuning:
     temperature: float = 0.1
 
 
+def _check_finite(what: str, values: Tensor, start: int) -> None:
+    """Refuse non-finite ``values`` (a batch whose first example is example ``start`` of the loader)."""
+    finite = torch.isfinite(values.flatten(1)).all(1)
+    if not bool(finite.all()):
+        bad = (start + torch.nonzero(~finite).flatten()).tolist()
+        raise expected(f"the task-boundary {what}", "finite", f"NaN or inf in examples {bad[:10]} of the loader "
+                       "(in loader order)", "These feed the class mixtures and the Fisher; check the data of this task.")
+
+
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor]:
-    """Pre-logits features (``model.features(x)``: timm's CLS token after the final norm) and labels, on the CPU."""
+    """Pre-logits features (``model.features(x)``: timm's CLS token after the final norm) and labels, on the CPU.
+
+    Non-finite inputs or features are an error naming the examples' positions in the loader (one
+    ``isfinite`` per batch), not a late and unrelated error of the mixtures fitted to them.
+    """
     was_training = model.training
     model.eval()
-    features, labels = [], []
+    features, labels, seen = [], [], 0
     try:
         for batch in loader:
-            features.append(model.features(batch[0].to(device)).float().cpu())
+            x = batch[0].to(device)
+            _check_finite("inputs", x, seen)
+            features.append(model.features(x).float().cpu())
+            _check_finite("features", features[-1], seen)
             labels.append(torch.as_tensor(batch[1]).cpu())
+            seen += len(x)
     finally:
         model.train(was_training)
     return torch.cat(features), torch.cat(labels)

@@ -14,9 +14,10 @@ from lightning_taylor.data.datasets import (
     load_digits_splits,
     load_imagefolder_splits,
 )
+from lightning_taylor.data.input_size import model_input_size
 from lightning_taylor.data.split import ClassIncrementalSplit, class_order
 from lightning_taylor.data.stream import TaskStreamDataModule
-from lightning_taylor.data.transforms import digits_transforms, image_transforms
+from lightning_taylor.data.transforms import ToChannels, digits_transforms, image_transforms
 from lightning_taylor.data.views import TransformedSubset
 
 __all__ = [
@@ -26,6 +27,7 @@ __all__ = [
     "DatasetInfo",
     "RawSplits",
     "TaskStreamDataModule",
+    "ToChannels",
     "TransformedSubset",
     "class_order",
     "dataset_info",
@@ -34,4 +36,5 @@ __all__ = [
     "load_cifar100_splits",
     "load_digits_splits",
     "load_imagefolder_splits",
+    "model_input_size",
 ]

@@ -17,6 +17,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision.datasets import CIFAR100, ImageFolder
@@ -49,8 +50,8 @@ class DatasetInfo:
 
     Attributes:
         class_names: name of each original label, in label order.
-        in_chans: channels of the served images.
-        image_size: default side length of the served images.
+        in_chans: default channels of the served images (when the model does not say).
+        image_size: default side length of the served images (when the model does not say).
         num_tasks: default number of tasks (``None``: the user must choose).
     """
 
@@ -174,13 +175,29 @@ def imagefolder_classes(root: str | None) -> list[str]:
     return train
 
 
+def read_image(path: str) -> Image.Image:
+    """Decode the image file at ``path`` in its own mode (the stream's transforms convert the channels).
+
+    Decoding happens here, when an example is first used, not when the index is built; a file PIL cannot
+    decode (truncated, corrupt, not an image) is an error that names it, in the main process as in a worker.
+    """
+    try:
+        with open(path, "rb") as file:
+            image = Image.open(file)
+            image.load()  # decode now, inside the try: Image.open only reads the header
+    except Exception as err:  # PIL raises OSError, SyntaxError, ValueError or DecompressionBombError
+        raise expected("image file", "an image that PIL can decode", path,
+                       f"{type(err).__name__}: {err}. Remove or replace the file.") from err
+    return image
+
+
 def load_imagefolder_splits(root: str) -> RawSplits:
-    """``root/train`` and ``root/test`` through torchvision's ImageFolder (RGB PIL images)."""
+    """``root/train`` and ``root/test`` through torchvision's ImageFolder (PIL images, decoded by :func:`read_image`)."""
     imagefolder_classes(root)  # same class folders in both splits, so labels mean the same class
     splits = []
     for split in ("train", "test"):
         try:
-            data = ImageFolder(os.path.join(root, split))
+            data = ImageFolder(os.path.join(root, split), loader=read_image)
         except FileNotFoundError as err:  # a class folder without a single image file
             raise expected("root", "a directory whose every class folder holds at least one image", root,
                            str(err)) from err

@@ -28,6 +28,7 @@ from lightning_taylor.data.datasets import (
     load_digits_splits,
     load_imagefolder_splits,
 )
+from lightning_taylor.data.input_size import model_input_size, resolve_input
 from lightning_taylor.data.samplers import StreamSampler
 from lightning_taylor.seeding import mix, run_seed
 from lightning_taylor.data.split import ClassIncrementalSplit, class_order
@@ -87,11 +88,20 @@ class TaskStreamDataModule(L.LightningDataModule):
           root/train/<class>/<image>.{jpg,png,...}
           root/test/<class>/<image>.{jpg,png,...}
 
-      read with torchvision's ``ImageFolder`` (RGB; classes numbered in sorted folder-name order; ``train``
+      read with torchvision's ``ImageFolder`` (images of any size and mode, decoded when first used, a file
+      that cannot be decoded named in the error; classes numbered in sorted folder-name order; ``train``
       and ``test`` must have the same class folders). ``num_tasks`` must be given.
 
-    CIFAR-100 and image folders are served at ``image_size`` (224) with random resized crops (80–100 %)
+    CIFAR-100 and image folders are served at ``image_size`` with random resized crops (80–100 %)
     and horizontal flips for training, resize + centre crop for testing.
+
+    **Input size.** The images are served with the channels and side length the attached model takes
+    (:func:`~lightning_taylor.data.input_size.model_input_size`: ``IncrementalViT.input_size``, a module's
+    own ``input_size``, or a timm ViT's patch embedding), read in :meth:`setup`; grey images are repeated to
+    RGB and RGB images reduced to their luminance as needed. Without a model (or one that does not say),
+    the data set's defaults apply: 1 channel at 28 px for digits, RGB at 224 px otherwise. ``image_size``
+    and ``in_chans`` need only be set for such models; a value that disagrees with the model is refused
+    in :meth:`setup`, naming both settings. :meth:`follow_model` does the same without a Trainer.
 
     Args:
         dataset: which data set to stream.
@@ -104,8 +114,10 @@ class TaskStreamDataModule(L.LightningDataModule):
         batch_size: training batch size (per process).
         eval_batch_size: batch size of the validation, test and :meth:`task_dataloader` loaders.
         num_workers: DataLoader worker processes.
-        image_size: side of the served images; ``None``: 28 for digits, 224 otherwise.
-        mean: normalisation mean, one value for all channels or one per channel.
+        image_size: side of the served images; ``None``: the model's (see *Input size*), else 28 for digits and
+            224 otherwise.
+        in_chans: channels of the served images (1 grey, 3 RGB); ``None``: the model's, else the data set's.
+        mean: normalisation mean, one value for all channels or one per served channel.
         std: normalisation standard deviation (> 0), one value or one per channel.
         download: allow torchvision to download CIFAR-100 into ``root``.
         test_fraction: digits only: fraction of every class held out for testing, in (0, 1).
@@ -127,6 +139,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         eval_batch_size: int = 128,
         num_workers: int = 0,
         image_size: int | None = None,
+        in_chans: Literal[1, 3] | None = None,
         mean: float | Sequence[float] = 0.5,
         std: float | Sequence[float] = 0.5,
         download: bool = False,
@@ -149,6 +162,8 @@ class TaskStreamDataModule(L.LightningDataModule):
         check_non_negative_int("num_workers", num_workers)
         if image_size is not None:
             check_positive_int("image_size", image_size)
+        if in_chans is not None:
+            check_choice("in_chans", in_chans, (1, 3))
         if class_order_seed is not None:
             check_non_negative_int("class_order_seed", class_order_seed)
         check_non_negative_int("split_seed", split_seed)
@@ -177,9 +192,9 @@ class TaskStreamDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.eval_batch_size = eval_batch_size
         self.num_workers = num_workers
-        self.image_size = image_size if image_size is not None else self.info.image_size
-        self.mean = self._per_channel("mean", mean, positive=False)
-        self.std = self._per_channel("std", std, positive=True)
+        self._input_settings = (in_chans, image_size)  # None: follow the model (resolved in setup)
+        self._mean_setting, self._std_setting = mean, std
+        self._serve(*resolve_input(in_chans, image_size, (self.info.in_chans, self.info.image_size), None))
         self.download = download
         self.test_fraction = float(test_fraction)
         self.split_seed = split_seed
@@ -190,13 +205,30 @@ class TaskStreamDataModule(L.LightningDataModule):
 
         self._task: int | None = None  # explicit task from set_task; None follows the trainer's epoch
         self._raw: RawSplits | None = None
+        self._raw_size: int | None = None  # image size the raw splits were loaded at (digits)
         self._train_labels: Tensor | None = None  # remapped labels of the raw train / test items
         self._test_labels: Tensor | None = None
         self._announced_task: int | None = None
 
+    def _serve(self, in_chans: int, image_size: int) -> None:
+        """Serve ``in_chans``-channel images of side ``image_size``, normalised per channel."""
+        self._in_chans, self.image_size = in_chans, image_size
+        self.mean = self._per_channel("mean", self._mean_setting, positive=False)
+        self.std = self._per_channel("std", self._std_setting, positive=True)
+
+    def follow_model(self, module: Any) -> None:
+        """Serve the channels and size that ``module`` takes (see *Input size*); :meth:`setup` calls this with
+        the Trainer's LightningModule. Settings given explicitly must agree with it."""
+        served = (self._in_chans, self.image_size)
+        model = model_input_size(module)
+        self._serve(*resolve_input(*self._input_settings, (self.info.in_chans, self.info.image_size), model))
+        if model is not None and (self._in_chans, self.image_size) != served:
+            _info(f"{self.dataset}: serving {self._in_chans}-channel {self.image_size}x{self.image_size} images, "
+                  f"the input of the model ({model[1]})")
+
     def _per_channel(self, name: str, value: float | Sequence[float], positive: bool) -> tuple[float, ...]:
-        """``value`` as one float per channel (a single value is broadcast)."""
-        in_chans = self.info.in_chans
+        """``value`` as one float per served channel (a single value is broadcast)."""
+        in_chans = self._in_chans
         values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
         try:
             values = [v for v in values]
@@ -207,8 +239,8 @@ class TaskStreamDataModule(L.LightningDataModule):
                       for v in values))
         if not ok:
             what = "a float > 0" if positive else "a float"
-            raise expected(name, f"{what} or a list of {in_chans} such values (one per channel of '{self.dataset}')",
-                           value)
+            raise expected(name, f"{what} or a list of {in_chans} such values (one per channel of the served "
+                           f"{in_chans}-channel images)", value)
         return tuple(float(v) for v in values) * (in_chans // len(values))
 
     # ------------------------------------------------------------------------------------ class layout
@@ -240,8 +272,9 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     @property
     def in_chans(self) -> int:
-        """Channels of the served images (1 for digits, 3 otherwise)."""
-        return self.info.in_chans
+        """Channels of the served images: the model's (after :meth:`setup`), else ``in_chans``, else the data
+        set's (1 for digits, 3 otherwise)."""
+        return self._in_chans
 
     @property
     def max_epochs(self) -> int:
@@ -308,8 +341,13 @@ class TaskStreamDataModule(L.LightningDataModule):
             download_cifar100(self.root)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the raw splits once and remap their labels (idempotent; the stage does not matter)."""
-        if self._raw is not None:
+        """Follow the attached model's input (:meth:`follow_model`), load the raw splits once and remap their
+        labels (idempotent; the stage does not matter)."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        if module is not None:
+            self.follow_model(module)
+        # Digits are resized once when loaded: a new size reloads them (50 ms); other sets resize per item.
+        if self._raw is not None and (self.dataset != "digits" or self._raw_size == self.image_size):
             return
         if self.dataset == "digits":
             raw = load_digits_splits(self.image_size, self.test_fraction, self.split_seed)
@@ -319,14 +357,14 @@ class TaskStreamDataModule(L.LightningDataModule):
             raw = load_imagefolder_splits(self.root)
         self._train_labels = self.class_split.remap(raw.train_targets)
         self._test_labels = self.class_split.remap(raw.test_targets)
-        self._raw = raw
+        self._raw, self._raw_size = raw, self.image_size
         _info(f"{self.dataset}: {len(raw.train_targets)} training and {len(raw.test_targets)} test images, "
               f"{self.num_tasks} tasks x {self.classes_per_task} classes, class order {list(self.class_order)}")
 
     def _transforms(self) -> tuple[Transform, Transform]:
         if self.dataset == "digits":
-            return digits_transforms(self.mean, self.std)
-        return image_transforms(self.image_size, self.mean, self.std)
+            return digits_transforms(self.mean, self.std, self._in_chans)
+        return image_transforms(self.image_size, self.mean, self.std, self._in_chans)
 
     def tasks_dataset(self, tasks: Sequence[int], split: Split = "train", augment: bool = False) -> Dataset:
         """The ``split`` examples of ``tasks`` as ``(x, remapped y)``, with training augmentation if ``augment``
@@ -339,7 +377,8 @@ class TaskStreamDataModule(L.LightningDataModule):
         raw = self._raw.train if split == "train" else self._raw.test
         indices = self.class_split.task_indices(labels, tasks)
         train_tf, test_tf = self._transforms()
-        return TransformedSubset(raw, indices, labels[indices], train_tf if augment else test_tf)
+        return TransformedSubset(raw, indices, labels[indices], train_tf if augment else test_tf,
+                                 name=f"{self.dataset} {split}")
 
     def task_dataset(self, task: int, split: Split = "train", augment: bool = False) -> Dataset:
         """The ``split`` examples of one ``task``; see :meth:`tasks_dataset`."""

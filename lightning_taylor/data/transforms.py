@@ -1,45 +1,85 @@
 """Training and test-time transforms of the task streams (torchvision ``transforms.v2``).
 
-Every pipeline ends in ``Normalize(mean, std)`` and a plain float tensor (``ToPureTensor``), so batches
-collate to ``torch.Tensor`` whatever the source (PIL image or tensor). The paper's protocol uses
-``mean = std = 0.5`` for the ImageNet-21k ViT (METHOD.md §6).
+Every pipeline starts by converting the image to the channels the model takes (:class:`ToChannels`) and
+ends in ``Normalize(mean, std)`` and a plain float tensor (``ToPureTensor``), so batches collate to
+``torch.Tensor`` whatever the source (PIL image or tensor). The paper's protocol uses ``mean = std = 0.5``
+for the ImageNet-21k ViT.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+from PIL import Image
 from torchvision.transforms import v2
+
+from lightning_taylor._checks import expected
 
 Transform = Callable[..., torch.Tensor]
 
 
-def digits_transforms(mean: Sequence[float], std: Sequence[float]) -> tuple[Transform, Transform]:
+class ToChannels:
+    """An image with ``in_chans`` (1 or 3) channels.
+
+    A PIL image is converted to mode ``"L"`` or ``"RGB"`` (grey to RGB repeats the channel; colour to grey is
+    PIL's luminance ``L = 0.299 R + 0.587 G + 0.114 B``; palette and alpha images become plain RGB). A
+    ``(…, C, H, W)`` tensor with 1 channel is repeated, one with 3 channels takes the same luminance
+    (torchvision's ``rgb_to_grayscale``); an image that already has ``in_chans`` channels is returned as is.
+    """
+
+    def __init__(self, in_chans: int) -> None:
+        if in_chans not in (1, 3):
+            raise expected("in_chans", "1 or 3", in_chans)
+        self.in_chans = in_chans
+
+    def __call__(self, image: Any) -> Any:
+        if isinstance(image, Image.Image):
+            mode = "L" if self.in_chans == 1 else "RGB"
+            return image if image.mode == mode else image.convert(mode)
+        channels = image.shape[-3]
+        if channels == self.in_chans:
+            return image
+        if channels == 1:
+            return image.expand(*image.shape[:-3], self.in_chans, *image.shape[-2:]).clone()
+        if channels == 3:
+            return v2.functional.rgb_to_grayscale(image)
+        raise expected("image", "an image with 1 or 3 channels", f"a tensor of shape {tuple(image.shape)}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(in_chans={self.in_chans})"
+
+
+def digits_transforms(mean: Sequence[float], std: Sequence[float], in_chans: int = 1) -> tuple[Transform, Transform]:
     """``(train, test)`` transforms for digits images already stored as ``[0, 1]`` float tensors.
 
     Training adds a mild random affine jitter (±10°, ±10 % shift). The fill is 0, the digits' blank
     background, because normalisation comes after the jitter. No flips: a mirrored digit is another glyph.
+    ``in_chans=3`` repeats the grey channel (for an RGB model).
     """
-    normalise = v2.Normalize(list(mean), list(std))
-    train = v2.Compose([v2.RandomAffine(degrees=10, translate=(0.1, 0.1), fill=0.0), normalise, v2.ToPureTensor()])
-    test = v2.Compose([normalise, v2.ToPureTensor()])
+    channels, normalise = ToChannels(in_chans), v2.Normalize(list(mean), list(std))
+    train = v2.Compose([channels, v2.RandomAffine(degrees=10, translate=(0.1, 0.1), fill=0.0), normalise,
+                        v2.ToPureTensor()])
+    test = v2.Compose([channels, normalise, v2.ToPureTensor()])
     return train, test
 
 
-def image_transforms(image_size: int, mean: Sequence[float], std: Sequence[float]) -> tuple[Transform, Transform]:
-    """``(train, test)`` transforms for natural RGB images (PIL), as used for CIFAR-100 and image folders.
+def image_transforms(image_size: int, mean: Sequence[float], std: Sequence[float], in_chans: int = 3
+                     ) -> tuple[Transform, Transform]:
+    """``(train, test)`` transforms for natural images (PIL), as used for CIFAR-100 and image folders.
 
-    Training: random resized crop to ``image_size`` (80–100 % of the area), horizontal flip. Test: resize
-    the short side to ``image_size`` and centre-crop a square (a no-op crop for square images such as
-    CIFAR's, and a square output for any image-folder photo).
+    First to ``in_chans`` channels (:class:`ToChannels`). Training: random resized crop to ``image_size``
+    (80–100 % of the area), horizontal flip. Test: resize the short side to ``image_size`` and centre-crop a
+    square (a no-op crop for square images such as CIFAR's, and a square output for any image-folder photo).
     """
     to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)),
                  v2.ToPureTensor()]
+    channels = ToChannels(in_chans)
     train = v2.Compose([
+        channels,
         v2.RandomResizedCrop(image_size, scale=(0.8, 1.0), antialias=True),
         v2.RandomHorizontalFlip(),
         *to_tensor,
     ])
-    test = v2.Compose([v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), *to_tensor])
+    test = v2.Compose([channels, v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), *to_tensor])
     return train, test

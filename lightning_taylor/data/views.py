@@ -15,6 +15,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from lightning_taylor._checks import expected
+
 
 class TransformedSubset(Dataset):
     """Samples ``indices`` of ``dataset`` as ``(transform(x), labels[i])``.
@@ -25,6 +27,11 @@ class TransformedSubset(Dataset):
         indices: positions in ``dataset`` to serve, in order.
         labels: remapped label of each position in ``indices`` (same length).
         transform: applied to ``x`` on every access; ``None`` serves ``x`` as stored.
+        name: how errors call ``dataset`` (e.g. ``"digits train"``); its class name by default.
+
+    A served float tensor with a NaN or infinite value is an error naming ``name`` and the item's index in
+    ``dataset`` (one ``isfinite`` per item, small next to decoding and transforming it): left alone it would
+    surface much later, e.g. as an unrelated error of the mixtures fitted to the features.
 
     An item is asked for by position ``i``, or by ``(i, seed)`` (what
     :class:`~lightning_taylor.data.samplers.StreamSampler` yields): the transform's random draws then come from
@@ -33,20 +40,22 @@ class TransformedSubset(Dataset):
     """
 
     def __init__(self, dataset: Dataset, indices: Tensor, labels: Tensor,
-                 transform: Callable[[Any], Any] | None = None) -> None:
+                 transform: Callable[[Any], Any] | None = None, name: str | None = None) -> None:
         if len(indices) != len(labels):
             raise ValueError(f"Expected one label per index, but got {len(indices)} indices and {len(labels)} labels.")
         self.dataset = dataset
         self.indices = torch.as_tensor(indices, dtype=torch.long)
         self.labels = torch.as_tensor(labels, dtype=torch.long)
         self.transform = transform
+        self.name = name or type(dataset).__name__
 
     def __len__(self) -> int:
         return len(self.indices)
 
     def __getitem__(self, key: int | tuple[int, int]) -> tuple[Any, int]:
         i, seed = key if isinstance(key, tuple) else (key, None)
-        x, _ = self.dataset[int(self.indices[i])]
+        index = int(self.indices[i])
+        x, _ = self.dataset[index]
         if self.transform is not None:
             if seed is None:
                 x = self.transform(x)
@@ -58,6 +67,12 @@ class TransformedSubset(Dataset):
                     x = self.transform(x)
                 finally:
                     generator.set_state(state)
+        if isinstance(x, Tensor) and x.is_floating_point() and not bool(torch.isfinite(x).all()):
+            samples = getattr(self.dataset, "samples", None)  # an ImageFolder's (path, label) pairs
+            where = f" ({samples[index][0]})" if samples else ""
+            raise expected(f"{self.name}[{index}]{where}", "an input with finite values (after the transform)",
+                           f"{int(x.isnan().sum())} NaN and {int(x.isinf().sum())} infinite of {x.numel()} values",
+                           "Check the data source and the transform (e.g. `std`) of this example.")
         return x, int(self.labels[i])
 
     def __repr__(self) -> str:
