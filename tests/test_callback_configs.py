@@ -24,8 +24,7 @@ from lightning_taylor.callbacks import IEL, ITA, ContinualEvaluation
 
 REPO = Path(__file__).parents[1]
 CALLBACKS = REPO / "callbacks"
-PROJECT = REPO / "tests" / "foreign_project"
-CONFIG = PROJECT / "config.yaml"
+CONFIG = REPO / "tests" / "foreign_project" / "config.yaml"
 COMBINED = CALLBACKS / "ita_eval_checkpoint.yaml"
 
 ITA_ARGS = dict(alpha=0.02, lambda_fisher=0.025, lambda_l2=0.001, style="lora", rank=16, fisher_estimator="exact")
@@ -125,8 +124,6 @@ def test_what_does_not_extend_the_list(tmp_path, capsys):
 
 # -- the combined file on a two-task stream ---------------------------------------------------------------
 QUIET = ["--trainer.enable_progress_bar=false"]
-
-
 SAVED = ("deltas", "fisher", "pretuned_head")  # the files ITA writes at the end of fit
 
 
