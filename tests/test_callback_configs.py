@@ -34,9 +34,9 @@ EQUIVALENTS = {
     "ita_mc.yaml": lambda: [ITA(**{**ITA_ARGS, "fisher_estimator": "mc"}, fisher_samples=1)],
     "iel.yaml": lambda: [IEL(beta=20.0, lambda_fisher=0.1, lambda_l2=0.001, style="lora", rank=16)],
     "continual_evaluation.yaml": lambda: [ContinualEvaluation()],
-    "checkpoint.yaml": lambda: [ModelCheckpoint(save_last=True, save_on_train_epoch_end=True)],
+    "checkpoint.yaml": lambda: [ModelCheckpoint(save_last="link", save_on_train_epoch_end=True)],
     "ita_eval_checkpoint.yaml": lambda: [ITA(**ITA_ARGS), ContinualEvaluation(),
-                                         ModelCheckpoint(save_last=True, save_on_train_epoch_end=True)],
+                                         ModelCheckpoint(save_last="link", save_on_train_epoch_end=True)],
 }
 FILES = sorted(path.name for path in CALLBACKS.glob("*.yaml"))
 

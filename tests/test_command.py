@@ -136,12 +136,14 @@ def test_a_run_directory_holds_the_run(run_dir):
 
 def test_test_and_validate_work_from_the_run_directory_alone(run_dir):
     cwd, run = run_dir
-    out = command("test", "--ckpt_path", str(run), cwd=cwd).stdout
+    result = command("test", "--ckpt_path", str(run), cwd=cwd)
+    out = result.stdout + result.stderr  # Lightning logs to stderr, tables go to stdout
     line = next(l for l in out.splitlines() if l.startswith("test class_il accuracy (%):"))
     final = open(run / "accuracy_class_il.csv").read().splitlines()[-1].split(",")
     assert line.endswith(f"avg {100 * float(final[-2]):.2f}")  # the fit's final average accuracy
     assert (run / "test" / "version_0").is_dir() and not (run.parent / "version_1").exists()
-    out = command("validate", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), cwd=cwd).stdout
+    result = command("validate", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), cwd=cwd)
+    out = result.stdout + result.stderr
     assert "val/class_il/avg_acc" in out
 
 

@@ -125,8 +125,10 @@ class ContinualEvaluation(L.Callback):
             pl_module.log(f"{stage}/{name}/avg_acc", sum(accuracies) / seen, sync_dist=False)
             for task, acc in enumerate(accuracies):
                 pl_module.log(f"{stage}/{name}/task{task}", acc, sync_dist=False)
+            matrix = self.matrices[name]
+            if add_row and seen - 1 < len(matrix) - 1:
+                add_row = False  # a standalone `validate` of an earlier state: report it, keep the matrix
             if add_row:
-                matrix = self.matrices[name]
                 matrix.add_row(seen - 1, accuracies)
                 if seen > 1:
                     pl_module.log(f"{stage}/{name}/forgetting", matrix.forgetting(), sync_dist=False)

@@ -12,6 +12,7 @@ import os
 from typing import Any, Literal, Sequence
 
 import lightning as L
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
 from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
@@ -204,6 +205,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         self.save_hyperparameters()  # plain values only, so checkpoints keep loading with weights_only=True
 
         self._task: int | None = None  # explicit task from set_task; None follows the trainer's epoch
+        self._checkpoint_task: int | None = None  # the task a loaded checkpoint was saved in
         self._raw: RawSplits | None = None
         self._raw_size: int | None = None  # image size the raw splits were loaded at (digits)
         self._train_labels: Tensor | None = None  # remapped labels of the raw train / test items
@@ -293,13 +295,16 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     @property
     def current_task(self) -> int:
-        """The task being trained: the :meth:`set_task` value if any, else ``trainer.current_epoch //
-        epochs_per_task`` clamped to the last task, else 0 (no trainer attached)."""
+        """The task being trained: the :meth:`set_task` value if any; else, in a fit, ``trainer.current_epoch //
+        epochs_per_task`` clamped to the last task; in ``validate`` / ``test`` of a checkpoint, the task it was
+        saved in; else 0 (no trainer attached)."""
         if self._task is not None:
             return self._task
         trainer = self.trainer
         if trainer is None:
             return 0
+        if trainer.state.fn != TrainerFn.FITTING and self._checkpoint_task is not None:
+            return self._checkpoint_task  # the epoch is not restored outside `fit`
         return min(int(trainer.current_epoch) // self.epochs_per_task, self.num_tasks - 1)
 
     def set_task(self, task: int | None) -> None:
@@ -307,11 +312,16 @@ class TaskStreamDataModule(L.LightningDataModule):
         self._task = None if task is None else self.class_split.check_task(task)
 
     def state_dict(self) -> dict[str, Any]:
-        # The epoch-derived task is restored with the trainer's epoch; only an explicit one needs saving.
-        return {"task": self._task}
+        # The epoch-derived task is restored with the trainer's epoch in `fit`; `validate` / `test` read it here.
+        return {"task": self._task, "current_task": self.current_task}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.set_task(state_dict.get("task"))
+        # Not checked against this stream here: Lightning restores the DataModule before the callbacks, whose
+        # record of the stream names the differing setting (another `num_tasks`, say) and the checkpoint.
+        saved, current = state_dict.get("task"), state_dict.get("current_task")
+        valid = range(self.num_tasks)
+        self._task = int(saved) if saved is not None and int(saved) in valid else None
+        self._checkpoint_task = int(current) if current is not None and int(current) in valid else None
 
     def _check_reload_schedule(self) -> None:
         """Refuse a Trainer whose dataloader reloads miss a task boundary still ahead in this fit."""
