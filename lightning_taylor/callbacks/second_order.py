@@ -53,7 +53,7 @@ from lightning_taylor.callbacks.protocol import (
     resolve_classifier,
     task_loader,
 )
-from lightning_taylor.deltas import DEFAULT_TARGETS, DeltaStyle, TaskDeltas, save_deltas
+from lightning_taylor.deltas import DeltaStyle, TaskDeltas, save_deltas
 from lightning_taylor.editing import uniform
 from lightning_taylor.fisher import Estimator, FisherAccumulator, diagonal_fisher
 from lightning_taylor.penalties import Algorithm, decoupled_step, delta_penalty, head_penalty
@@ -97,7 +97,8 @@ class SecondOrder(L.Callback):
         max_grad_norm: per-tensor clipping of the decoupled step.
         style: delta style, ``"lora"``, ``"full"`` or ``"ia3"``.
         rank: LoRA rank ``r``.
-        targets: glob patterns of the ``nn.Linear`` layers that get deltas.
+        targets: glob patterns of the ``nn.Linear`` layers that get deltas; ``None``: the block projections
+            named as in the backbone's family (:func:`~lightning_taylor.deltas.default_targets`).
         qkv_rank_factor: LoRA rank multiplier of the ``qkv`` projections.
         fisher_estimator: ``"exact"``, ``"mc"``, ``"topk"`` or ``"empirical"`` (see :mod:`lightning_taylor.fisher`).
         fisher_samples: sampled labels per example for ``"mc"``.
@@ -129,7 +130,7 @@ class SecondOrder(L.Callback):
         max_grad_norm: float = 100.0,
         style: DeltaStyle = "lora",
         rank: int = 16,
-        targets: Sequence[str] = DEFAULT_TARGETS,
+        targets: Sequence[str] | None = None,
         qkv_rank_factor: int = 3,
         fisher_estimator: Estimator = "exact",
         fisher_samples: int = 1,
@@ -171,7 +172,8 @@ class SecondOrder(L.Callback):
         if seed is not None:
             check_non_negative_int("seed", seed)
         self.head_fisher_samples, self.seed, self.save_dir = head_fisher_samples, seed, save_dir
-        self.delta_config = dict(style=style, rank=rank, targets=tuple(targets), qkv_rank_factor=qkv_rank_factor)
+        self.delta_config = dict(style=style, rank=rank, targets=None if targets is None else tuple(targets),
+                                 qkv_rank_factor=qkv_rank_factor)
         self.backbone, self.head = backbone, head
         self.classes_per_task, self.epochs_per_task = classes_per_task, epochs_per_task
         # State carried by checkpoints (see state_dict).
@@ -240,6 +242,8 @@ class SecondOrder(L.Callback):
         rank_zero_info(f"[{self.algorithm.upper()}] task {task}: classes {task_classes.start}..{task_classes.stop - 1}")
         deltas.begin_task(task)
         loader = task_loader(trainer, task, self.fisher_batch_size)
+        if self.task < 0:  # first boundary: one forward checks that every target's delta reaches the output
+            deltas.check_reach(model.backbone, next(iter(loader))[0][:2].to(pl_module.device))
 
         with deltas.disabled():
             features, labels = extract_features(model, loader, pl_module.device)
