@@ -3,10 +3,15 @@
 import importlib.util
 from pathlib import Path
 
+import lightning as L
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
 from helpers import train_stream
 
+from lightning_taylor.callbacks import ITA, PreTuning
+from lightning_taylor.data import TaskStreamDataModule
 from lightning_taylor.deltas import TaskDeltas
 
 _SPEC = importlib.util.spec_from_file_location("vit_families", Path(__file__).parents[1] / "scripts" / "vit_families.py")
@@ -78,3 +83,51 @@ def test_split_bias_deltas_equal_a_weight_change(style):
         for layer in deltas.names:
             plain.get_submodule(layer).weight += 0.7 * deltas.task_delta(layer, 0) + 0.4 * deltas.task_delta(layer, 1)
         torch.testing.assert_close(model(x), plain(x), rtol=1e-10, atol=1e-12)
+
+
+class _BeitModule(L.LightningModule):
+    """A user's module around a tiny BEiT (its attention applies `qkv.weight` by F.linear)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.model = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=10, img_size=16,
+                                       patch_size=8, embed_dim=24, depth=1, num_heads=2, in_chans=1)
+
+    def forward(self, x):
+        return self.model(x)
+
+    def training_step(self, batch, batch_idx):
+        return F.cross_entropy(self(batch[0]), batch[1])
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def _fit_beit(tmp_path) -> tuple[_BeitModule, ITA]:
+    L.seed_everything(0, verbose=False)
+    module = _BeitModule()
+    callback = ITA(1.0, rank=2, pretuning=PreTuning(probe_epochs=1, align_epochs=1, align_epochs_per_task=1,
+                                                     samples_per_class=8), head_fisher_samples=8, seed=0)
+    data = TaskStreamDataModule("digits", num_tasks=5, epochs_per_task=1, batch_size=16, image_size=16)
+    L.Trainer(max_epochs=2, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0, limit_train_batches=2,
+              limit_val_batches=0, enable_progress_bar=False, logger=False, enable_checkpointing=False,
+              enable_model_summary=False, default_root_dir=tmp_path, callbacks=[callback]).fit(module, data)
+    return module, callback
+
+
+def test_ita_on_beit_trains_the_qkv_deltas_and_gets_their_fisher(tmp_path):
+    module, callback = _fit_beit(tmp_path)
+    deltas = module.task_deltas
+    assert deltas.adapted == ["blocks.0.attn"] and deltas.banked_tasks == [0, 1]
+    for name in deltas.names:
+        for task in (0, 1):
+            assert deltas.task_delta(name, task).abs().max() > 0, (name, task)
+        assert callback.accumulator.current[f"{name}.weight"].abs().max() > 0, name
+
+
+def test_the_first_task_boundary_refuses_a_target_whose_delta_is_ignored(tmp_path, monkeypatch):
+    import lightning_taylor.deltas.task_deltas as task_deltas
+
+    monkeypatch.setattr(task_deltas, "split_bias_attentions", lambda model, names: {})  # as without the adapter
+    with pytest.raises(ValueError, match=r"`targets`.*forward runs in beit_base_patch16_224 \(Beit\).*'blocks\.0\.attn\.qkv'"):
+        _fit_beit(tmp_path)
