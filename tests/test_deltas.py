@@ -32,6 +32,7 @@ def test_default_targets_are_every_block_projection(vit):
     assert len(deltas.names) == 4 * depth
     assert deltas.names[:4] == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
     assert DEFAULT_TARGETS == ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
+    assert deltas.targets == DEFAULT_TARGETS  # the automatic choice for a plain ViT
 
 
 def test_lora_shapes_and_init(vit):

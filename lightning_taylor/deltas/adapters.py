@@ -94,8 +94,8 @@ def route_through_qkv(attention: nn.Module) -> list[RemovableHandle]:
 
 @contextlib.contextmanager
 def routed(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
-    """Within the block, every target layer in ``names`` that a split-bias attention applies by
-    ``F.linear`` is called as a module (a no-op for the other layers and for blocks adapted already)."""
+    """Inside the ``with`` block, every layer in ``names`` that a split-bias attention applies by ``F.linear``
+    is called as a module instead (nothing changes for the other layers, nor for blocks adapted already)."""
     handles = [h for attention in split_bias_attentions(model, names).values() for h in route_through_qkv(attention)]
     try:
         yield

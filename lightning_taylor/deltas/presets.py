@@ -40,6 +40,7 @@ PROJECTIONS: tuple[str, ...] = (
 
 
 def linear_names(model: nn.Module) -> list[str]:
+    """Names of every ``nn.Linear`` module of ``model``, in model order."""
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
 
 
