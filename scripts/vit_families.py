@@ -47,7 +47,7 @@ FAMILIES: dict[str, dict[str, Any]] = {
     "vit_medium_patch16_gap_256": _VIT,
     "samvit_base_patch16": dict(_VIT, window_size=2, global_attn_indexes=(1,), neck_chans=16),
     "eva02_tiny_patch14_224": _VIT14,
-    "eva02_large_patch14_224": _VIT14,  # SwiGLU MLP: fc1_g / fc1_x
+    "eva02_large_patch14_224": _VIT14,  # separate q / k / v projections and a SwiGLU MLP (fc1_g / fc1_x)
     "beit_base_patch16_224": _VIT,
     "swin_tiny_patch4_window7_224": _SWIN,
     "swinv2_tiny_window8_256": _SWIN,
