@@ -37,6 +37,12 @@ def test_presets_follow_the_family_layout():
     # Swin's top-level `layers` is also a method of TaskDeltas: the state_dict keys stay the layer names.
     assert "layers.1.blocks.0.mlp.fc2.lora_B" in swin.state_dict()
     assert swin.layer("layers.1.blocks.0.mlp.fc2").lora_B.shape == (16 * 2, 1)
+    train_stream(swin, 2)
+    resumed = TaskDeltas(vit_families.build("swin_tiny_patch4_window7_224"), rank=1)
+    resumed.load_state_dict(swin.state_dict())  # banks re-created under the same keys
+    assert resumed.banked_tasks == [0, 1] and resumed.state_dict().keys() == swin.state_dict().keys()
+    torch.testing.assert_close(resumed.task_delta("layers.1.blocks.0.attn.qkv", 1),
+                               swin.task_delta("layers.1.blocks.0.attn.qkv", 1), rtol=0, atol=0)
 
     eva = TaskDeltas(vit_families.build("eva02_large_patch14_224"), rank=1)
     assert {n.split(".", 2)[2] for n in eva.names} == {"attn.q_proj", "attn.k_proj", "attn.v_proj", "attn.proj",
