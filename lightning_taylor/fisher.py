@@ -34,7 +34,9 @@ about one training step.
 
 1. one forward with every parameter detached and the graph starting at the target layers' inputs (no
    parameter needs ``requires_grad``; nothing upstream of the first target layer is differentiated),
-   recording each target layer's input ``a`` (``N`` tokens × in) and output;
+   recording each target layer's input ``a`` (``N`` tokens × in) and output (attention blocks that apply
+   a target's weight by ``F.linear`` call the layer for this pass, :mod:`lightning_taylor.deltas.adapters`;
+   a target whose layer is still not called is refused by name);
 2. one vectorised backward (``torch.func.vmap`` over ``torch.autograd.grad``) of all ``K`` cotangents to the
    target outputs, giving output cotangents ``g_k`` (``N`` × out) per example. (``is_grads_batched=True``
    would loop over the cotangents inside layer norm, GELU and attention; for the same reason the forward
@@ -76,6 +78,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from lightning_taylor._checks import check_choice, check_non_negative, check_positive_int, expected
+from lightning_taylor.deltas.adapters import routed
 
 Estimator = Literal["exact", "mc", "topk", "empirical"]
 
@@ -182,6 +185,18 @@ def _capture(modules: Mapping[str, nn.Module], store: dict[str, tuple[Tensor, Te
         if (inputs._version, output._version) != versions[name]:
             raise expected("param_names", "layers whose input and output are not modified in place", name,
                            "The model changes this layer's input or output in place after the layer.")
+
+
+def _check_called(model: nn.Module, module_names: Sequence[str], store: Mapping[str, object]) -> None:
+    """Refuse a target layer that the forward did not call (its weight applied some other way, e.g. by
+    ``F.linear`` on ``layer.weight``): its per-example gradient cannot be formed from the layer's input."""
+    for name in module_names:
+        if name not in store:
+            parent = model.get_submodule(name.rpartition(".")[0])
+            owner = type(parent).__name__ + ("" if parent is model else f" (in {type(model).__name__})")
+            raise expected("param_names", "weights of layers whose forward runs in the model's forward", name,
+                           f"{owner} applies this weight without calling the layer, so its Fisher cannot be "
+                           "formed from the layer's input and output; leave it out.")
 
 
 def _probabilities(logits: Tensor) -> Tensor:
@@ -312,7 +327,7 @@ def _probe(model: nn.Module, modules: Mapping[str, nn.Module], params: dict[str,
 
     handles = [m.register_forward_hook(hook(name)) for name, m in modules.items()]
     try:
-        with torch.no_grad():
+        with torch.no_grad(), routed(model, list(modules)):
             logits = functional_call(model, params, (x[:1],))
     finally:
         for handle in handles:
@@ -407,8 +422,9 @@ def diagonal_fisher(
             for s in micro:
                 store: dict[str, tuple[Tensor, Tensor]] = {}
                 attention = _math_attention() if per_example > 1 and rows > 1 else contextlib.nullcontext()
-                with torch.enable_grad(), _capture(modules, store), attention:
+                with torch.enable_grad(), routed(model, module_names), _capture(modules, store), attention:
                     logits = functional_call(model, detached, (x[s].detach(),))
+                _check_called(model, module_names, store)
                 if logits.ndim != 2:
                     raise expected("model", "a classifier returning B × C logits", tuple(logits.shape))
                 probs = _probabilities(logits)

@@ -32,6 +32,7 @@ def test_default_targets_are_every_block_projection(vit):
     assert len(deltas.names) == 4 * depth
     assert deltas.names[:4] == ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.0.mlp.fc2"]
     assert DEFAULT_TARGETS == ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
+    assert deltas.targets == DEFAULT_TARGETS  # the automatic choice for a plain ViT
 
 
 def test_lora_shapes_and_init(vit):
@@ -252,3 +253,55 @@ def test_repr_shows_tasks_and_shapes(vit):
     train_stream(deltas, 2)
     text = repr(deltas)
     assert "banked=[0, 1]" in text and "lora_A=(6, 24)" in text and "style='lora'" in text
+
+
+class _Toy(torch.nn.Module):
+    """Two linear layers; ``mode`` makes ``a`` applied by F.linear (module not called) or its output discarded."""
+
+    def __init__(self, mode: str = "plain") -> None:
+        super().__init__()
+        self.mode = mode
+        self.a, self.b = torch.nn.Linear(3, 4), torch.nn.Linear(3, 2)
+
+    def forward(self, x):
+        if self.mode == "functional":
+            h = torch.nn.functional.linear(x, self.a.weight, self.a.bias)
+        else:
+            h = self.a(x)
+        return self.b(x) if self.mode == "discarded" else self.b(x) + h[:, :2]
+
+
+def test_guard_passes_when_every_delta_reaches_the_output(vit):
+    deltas = TaskDeltas(vit, rank=2)
+    deltas.check_reach(vit)  # probe made from the model's input size
+    assert all(p.grad is None for p in deltas.slot_parameters()) and vit.training is False
+    toy = _Toy()
+    TaskDeltas(toy, targets=["a", "b"]).check_reach(toy, torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("mode, match", [
+    ("functional", r"`targets`.*forward runs in _Toy's forward.*'a'.*F\.linear"),
+    ("discarded", r"`targets`.*output reaches _Toy's output.*'a'"),
+])
+def test_guard_names_a_target_whose_delta_would_be_ignored(mode, match):
+    toy = _Toy(mode)
+    deltas = TaskDeltas(toy, targets=["a", "b"])
+    with pytest.raises(ValueError, match=match):
+        deltas.check_reach(toy, torch.randn(2, 3))
+
+
+def test_guard_refuses_another_model_a_detached_state_and_an_unknown_input_size(vit):
+    deltas = TaskDeltas(vit, rank=2)
+    with pytest.raises(ValueError, match="`model`.*attached to"):
+        deltas.check_reach(make_vit())
+    deltas.detach()
+    with pytest.raises(RuntimeError, match="detached"):
+        deltas.check_reach(vit)
+    toy = _Toy()
+    with pytest.raises(ValueError, match="`probe`.*_Toy.*pass a probe batch"):
+        TaskDeltas(toy, targets=["a"]).check_reach(toy)
+
+
+def test_default_targets_without_a_known_block_layout_name_the_family():
+    with pytest.raises(ValueError, match=r"`targets`.*_Toy.*blocks\.\*.*\['a', 'b'\]"):
+        TaskDeltas(_Toy())

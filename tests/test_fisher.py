@@ -1,7 +1,9 @@
 import io
 
 import pytest
+import timm
 import torch
+import torch.nn.functional as F
 from conftest import make_vit
 from helpers import relative_error
 
@@ -274,7 +276,8 @@ def test_unused_layer_has_zero_fisher_and_shared_or_in_place_layers_are_refused(
             self.head = torch.nn.Linear(4, 2)
 
         def forward(self, x):
-            h = self.a(x)
+            # "functional": the weight of `a` is applied without calling `a`, so no input/output is captured
+            h = F.linear(x, self.a.weight, self.a.bias) if self.mode == "functional" else self.a(x)
             self.unused(h)  # output discarded
             if self.mode == "in_place":
                 h.mul_(2.0)
@@ -289,6 +292,26 @@ def test_unused_layer_has_zero_fisher_and_shared_or_in_place_layers_are_refused(
         diagonal_fisher(Net("shared").double(), [x], names)
     with pytest.raises(ValueError, match="`param_names`.*in place.*'a'"):
         diagonal_fisher(Net("in_place").double(), [x], names)
+    with pytest.raises(ValueError, match="`param_names`.*forward runs.*'a'.*Net applies this weight without calling"):
+        diagonal_fisher(Net("functional").double(), [x], names)
+
+
+def test_split_bias_attention_qkv_matches_brute_force():
+    """BEiT applies `qkv.weight` by F.linear with separate q / v biases: the Fisher routes it through the layer."""
+    torch.manual_seed(0)
+    beit = timm.create_model("beit_base_patch16_224", pretrained=False, img_size=16, patch_size=8, embed_dim=24,
+                             depth=1, num_heads=2, num_classes=4).double().eval().requires_grad_(False)
+    with torch.no_grad():  # timm starts the biases at zero; make them matter
+        beit.blocks[0].attn.q_bias.normal_()
+        beit.blocks[0].attn.v_bias.normal_()
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    names = ["blocks.0.attn.qkv.weight", "blocks.0.attn.proj.weight"]
+    fisher = diagonal_fisher(beit, [images], names)
+    reference = brute_force_fisher(beit, images, names)
+    for name in names:
+        assert reference[name].abs().max() > 0
+        assert relative_error(fisher.sums[name], reference[name]) <= 1e-9, name
+    assert beit.blocks[0].attn.qkv.bias is None and isinstance(beit.blocks[0].attn.q_bias, torch.nn.Parameter)
 
 
 @pytest.mark.parametrize(

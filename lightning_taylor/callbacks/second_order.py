@@ -61,8 +61,8 @@ from lightning_taylor.callbacks.protocol import (
     task_loader,
 )
 from lightning_taylor.callbacks.resume import check_delta_layout, check_record, stream_record
-from lightning_taylor.deltas import DEFAULT_TARGETS, DeltaStyle, TaskDeltas, save_deltas
 from lightning_taylor.console import show
+from lightning_taylor.deltas import DeltaStyle, TaskDeltas, save_deltas
 from lightning_taylor.editing import uniform
 from lightning_taylor.finite import check_finite, flatten_tensors
 from lightning_taylor.fisher import Estimator, FisherAccumulator, diagonal_fisher
@@ -107,7 +107,8 @@ class SecondOrder(L.Callback):
         max_grad_norm: per-tensor clipping of the decoupled step.
         style: delta style, ``"lora"``, ``"full"`` or ``"ia3"``.
         rank: LoRA rank ``r``.
-        targets: glob patterns of the ``nn.Linear`` layers that get deltas.
+        targets: glob patterns of the ``nn.Linear`` layers that get deltas; ``None``: the block projections
+            named as in the backbone's family (:func:`~lightning_taylor.deltas.default_targets`).
         qkv_rank_factor: LoRA rank multiplier of the ``qkv`` projections.
         fisher_estimator: ``"exact"``, ``"mc"``, ``"topk"`` or ``"empirical"`` (see :mod:`lightning_taylor.fisher`).
         fisher_samples: sampled labels per example for ``"mc"``.
@@ -143,7 +144,7 @@ class SecondOrder(L.Callback):
         max_grad_norm: float = 100.0,
         style: DeltaStyle = "lora",
         rank: int = 16,
-        targets: Sequence[str] = DEFAULT_TARGETS,
+        targets: Sequence[str] | None = None,
         qkv_rank_factor: int = 3,
         fisher_estimator: Estimator = "exact",
         fisher_samples: int = 1,
@@ -196,7 +197,8 @@ class SecondOrder(L.Callback):
         if seed is not None:
             check_non_negative_int("seed", seed)
         self.head_fisher_samples, self.seed, self.save_dir = head_fisher_samples, seed, save_dir
-        self.delta_config = dict(style=style, rank=rank, targets=tuple(targets), qkv_rank_factor=qkv_rank_factor)
+        self.delta_config = dict(style=style, rank=rank, targets=None if targets is None else tuple(targets),
+                                 qkv_rank_factor=qkv_rank_factor)
         self.backbone, self.head = backbone, head
         self.classes_per_task, self.epochs_per_task = classes_per_task, epochs_per_task
         self.guard, self.allow_strength_change = StepGuard(on_non_finite), allow_strength_change
@@ -228,16 +230,16 @@ class SecondOrder(L.Callback):
             pl_module.task_deltas.register_load_state_dict_pre_hook(check_delta_layout)
         self.record = {**stream_record(trainer, pl_module, {"classes_per_task": self.classes_per_task,
                                                             "epochs_per_task": self.epochs_per_task}),
-                       **self._method_record()}
+                       **self._method_record(pl_module.task_deltas)}
         if not self.pretuned_head:
             self.pretuned_head = {k: v.detach().float().cpu().clone() for k, v in model.head.state_dict().items()}
 
-    def _method_record(self) -> dict[str, Any]:
+    def _method_record(self, deltas: TaskDeltas) -> dict[str, Any]:
         config = self.delta_config
         fisher = {f"fisher_{k}": v for k, v in self._fisher_settings().items()}
         return {"algorithm": self.algorithm, "strength": self.strength, "style": config["style"],
                 "rank": config["rank"], "qkv_rank_factor": config["qkv_rank_factor"],
-                "targets": list(config["targets"]), "penalty_mode": self.penalty_mode,
+                "targets": list(deltas.targets), "penalty_mode": self.penalty_mode,
                 **{k: (int(v) if k != "fisher_estimator" else v) for k, v in fisher.items()}}
 
     def model(self, pl_module: L.LightningModule) -> Classifier:
@@ -285,6 +287,8 @@ class SecondOrder(L.Callback):
         show(trainer, f"[{self.algorithm.upper()}] task {task}: classes {task_classes.start}..{task_classes.stop - 1}")
         deltas.begin_task(task)
         loader = task_loader(trainer, task, self.fisher_batch_size)
+        if self.task < 0:  # first boundary: one forward checks that every target's delta reaches the output
+            deltas.check_reach(model.backbone, next(iter(loader))[0][:2].to(pl_module.device))
 
         with deltas.disabled():
             features, labels = extract_features(model, loader, pl_module.device)

@@ -4,6 +4,11 @@
 under the same dotted name (``blocks.0.attn.qkv.lora_A``), and adds their contribution to the base layers
 through forward hooks. The base model is left untouched: its ``state_dict`` keeps timm's keys, so a plain
 timm checkpoint loads into it and a merged model loads back into plain timm.
+
+Attention blocks that apply their ``qkv`` weight with ``F.linear`` instead of calling the layer (EVA, BEiT,
+Swin V2) are adapted while attached, so that the layer's forward, and with it the delta, runs
+(:mod:`~lightning_taylor.deltas.adapters`); :meth:`TaskDeltas.check_reach` verifies with one forward that
+every target's delta reaches the model's output.
 """
 
 from __future__ import annotations
@@ -18,11 +23,11 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from lightning_taylor._checks import check_choice, check_non_negative_int, check_positive_int, expected
+from lightning_taylor.deltas.adapters import route_through_qkv, split_bias_attentions
+from lightning_taylor.deltas.presets import DEFAULT_TARGETS, default_targets, family, linear_names  # noqa: F401
+from lightning_taylor.deltas.reach import check_reach
 from lightning_taylor.deltas.styles import DeltaStyle, LinearDelta, make_delta
 from lightning_taylor.editing import Composition
-
-#: Every ViT block's attention and MLP projections (timm names).
-DEFAULT_TARGETS: tuple[str, ...] = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")
 
 
 def find_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -32,11 +37,11 @@ def find_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
     """
     if isinstance(patterns, str) or not patterns:
         raise expected("targets", "a non-empty list of glob patterns", patterns)
-    linears = [name for name, module in model.named_modules() if isinstance(module, nn.Linear)]
+    linears = linear_names(model)
     for pattern in patterns:
         if not any(fnmatchcase(name, pattern) for name in linears):
             raise expected(
-                "targets", "glob patterns that match nn.Linear layers", pattern,
+                "targets", f"glob patterns that match nn.Linear layers of {family(model)}", pattern,
                 f"Some linear layers of the model: {linears[:8]}.",
             )
     return [name for name in linears if any(fnmatchcase(name, p) for p in patterns)]
@@ -49,7 +54,8 @@ class TaskDeltas(nn.Module):
         model: the network whose ``nn.Linear`` targets get deltas (frozen by the caller).
         style: ``"lora"`` (``τ = B A``), ``"full"`` (``τ = D``) or ``"ia3"`` (``τ = (s − 1) ⊙ W0``).
         rank: LoRA rank ``r``.
-        targets: glob patterns over module names.
+        targets: glob patterns over module names; ``None``: the attention and MLP projections of every
+            block, named as in the model's family (:func:`~lightning_taylor.deltas.presets.default_targets`).
         qkv_rank_factor: LoRA rank multiplier for layers named ``*qkv`` (the reference uses ``3r``).
         seed: seeds the slot initialisation of each task, identically on every process.
 
@@ -63,7 +69,7 @@ class TaskDeltas(nn.Module):
         model: nn.Module,
         style: DeltaStyle = "lora",
         rank: int = 16,
-        targets: Sequence[str] = DEFAULT_TARGETS,
+        targets: Sequence[str] | None = None,
         qkv_rank_factor: int = 3,
         seed: int = 0,
     ) -> None:
@@ -73,10 +79,11 @@ class TaskDeltas(nn.Module):
         check_positive_int("qkv_rank_factor", qkv_rank_factor)
         check_non_negative_int("seed", seed)
         self.style, self.rank, self.qkv_rank_factor, self.seed = style, rank, qkv_rank_factor, seed
-        self.targets = tuple(targets)
+        self.targets = default_targets(model) if targets is None else tuple(targets)
         self.names = find_targets(model, self.targets)
-        # Plain dict: the base layers belong to `model`, not to this module's parameters or state_dict.
+        # Plain dicts: the base layers belong to `model`, not to this module's parameters or state_dict.
         self._linears: dict[str, nn.Linear] = {name: model.get_submodule(name) for name in self.names}
+        self._attentions: dict[str, nn.Module] = split_bias_attentions(model, self.names)
         self._handles: list[RemovableHandle] = []
         self._past_sums: dict[str, tuple[tuple, Tensor]] = {}
         for name, linear in self._linears.items():
@@ -91,27 +98,38 @@ class TaskDeltas(nn.Module):
         super()._load_from_state_dict(*args, **kwargs)
 
     def _add_layer(self, name: str, delta: LinearDelta) -> None:
+        # Registered through `_modules` (what `add_module` does after its checks): a model's top-level name may
+        # be an attribute of this class (Swin's `layers`), and the state_dict key must still be the layer's name.
         parent: nn.Module = self
         *path, leaf = name.split(".")
         for part in path:
-            if part not in parent._modules:
-                parent.add_module(part, nn.Module())
-            parent = parent._modules[part]
-        parent.add_module(leaf, delta)
+            parent = parent._modules.setdefault(part, nn.Module())
+        parent._modules[leaf] = delta
 
     # -- access ---------------------------------------------------------------------------------------
     def layer(self, name: str) -> LinearDelta:
-        return self.get_submodule(name)
+        """The delta of target layer ``name`` (looked up in ``_modules``: see ``_add_layer``)."""
+        if name not in self._linears:
+            raise expected("name", f"one of the target layers {self.names[:4]}…", name)
+        module: nn.Module = self
+        for part in name.split("."):
+            module = module._modules[part]
+        return module
 
     def layers(self) -> Iterator[tuple[str, LinearDelta, nn.Linear]]:
         """``(name, delta, base layer)`` for every target layer."""
         for name in self.names:
-            yield name, self.get_submodule(name), self._linears[name]
+            yield name, self.layer(name), self._linears[name]
 
     def slot_parameters(self) -> Iterator[nn.Parameter]:
         """The current task's trainable tensors (the same objects for the whole fit)."""
         for _, delta, _ in self.layers():
             yield from delta.slot_state().values()
+
+    @property
+    def adapted(self) -> list[str]:
+        """Attention blocks adapted to call their ``qkv`` target (see :mod:`~lightning_taylor.deltas.adapters`)."""
+        return list(self._attentions)
 
     @property
     def current_task(self) -> int:
@@ -247,15 +265,30 @@ class TaskDeltas(nn.Module):
 
     # -- hooks ----------------------------------------------------------------------------------------
     def attach(self) -> None:
-        """Register the forward hooks on the base layers (done at construction)."""
+        """Register the forward hooks on the base layers and adapt the attention blocks that apply a target's
+        weight without calling it (done at construction)."""
         if not self._handles:
             self._handles = [linear.register_forward_hook(delta.hook) for _, delta, linear in self.layers()]
+            for attention in self._attentions.values():
+                self._handles += route_through_qkv(attention)
 
     def detach(self) -> None:
-        """Remove the forward hooks: the model is plain θ0 (or the merged model) again."""
+        """Remove the hooks and adapters: the model is plain θ0 (or the merged model) again."""
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def check_reach(self, model: nn.Module, probe: Tensor | Sequence | None = None) -> None:
+        """Run ``model`` (the one these deltas were built on) once on ``probe`` and raise a ``ValueError``
+        naming any target whose delta would not reach the output (:func:`~lightning_taylor.deltas.check_reach`);
+        ``probe=None`` makes a random image batch of the model's input size."""
+        for name in self.names:
+            if model.get_submodule(name) is not self._linears[name]:
+                raise expected("model", "the model these deltas were attached to", type(model).__name__,
+                               f"Its layer `{name}` is another module.")
+        if not self._handles:
+            raise RuntimeError("The deltas are detached: call `attach()` before `check_reach`.")
+        check_reach(model, self.names, probe)
 
     def num_slot_parameters(self) -> int:
         return sum(math.prod(p.shape) for p in self.slot_parameters())
