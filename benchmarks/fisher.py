@@ -15,7 +15,7 @@ and finally shows that the ``mc`` estimator's relative error shrinks like ``1/�
 with ``K`` samples each (root-mean-square over seeds; the last column, error · √(n·K), stays flat, and the
 log-log slope is about −0.5). It ends with a list of the checks these numbers support.
 
-The reference algorithm is our own re-implementation of what the authors' code does (METHOD.md §3): all
+The reference algorithm is our own re-implementation of what the authors' code does (docs/method.md §3): all
 parameters frozen, the input multiplied by a scalar that requires grad (so the graph starts at the input),
 forward hooks storing each target layer's input, full backward hooks squaring per-example weight
 gradients ``(gᵀ a)²``, and for every class ``c`` one ``.backward()`` of ``Σ_x √p̄_c(x) log p_c(x)`` with

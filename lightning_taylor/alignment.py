@@ -1,4 +1,4 @@
-"""Head pre-tuning at a task boundary (METHOD.md §5): class mixtures, linear probing, alignment, head Fisher.
+"""Head pre-tuning at a task boundary (docs/method.md §5): class mixtures, linear probing, alignment, head Fisher.
 
 At the start of task ``t``, with the frozen pre-trained backbone's CLS features of the task's images:
 
@@ -9,7 +9,7 @@ At the start of task ``t``, with the frozen pre-trained backbone's CLS features 
    mixtures (cross-entropy on logits normalised to norm ``1/temperature``, SGD with a cosine schedule over
    :func:`alignment_epochs` ``= 10 + 5t`` epochs).
 4. :func:`head_fisher` gives the exact diagonal Fisher of the pre-tuned head on synthetic features, in
-   closed form, for the head penalty of METHOD.md §4.
+   closed form, for the head penalty of docs/method.md §4.
 
 Everything here is pure PyTorch (plus scikit-learn for the fit) and deterministic given ``seed`` /
 ``generator``; nothing touches the global random state. Head rows outside the classes being trained are
@@ -215,7 +215,7 @@ def linear_probe(
     batch_size: int = 128,
     generator: torch.Generator | None = None,
 ) -> None:
-    """Train the rows of ``head`` for ``classes`` on real features, in place (METHOD.md §5, step 3).
+    """Train the rows of ``head`` for ``classes`` on real features, in place (docs/method.md §5, step 3).
 
     Loss per batch: the mean over the batch of the task-local cross-entropy
     ``−log softmax(z_classes)[y − classes.start]``, with ``z_classes`` the logits of ``classes`` only.
@@ -259,7 +259,7 @@ def align_head(
     temperature: float = 0.1,
     generator: torch.Generator | None = None,
 ) -> None:
-    """Align the head rows of all seen ``classes`` on synthetic features, in place (METHOD.md §5, step 4).
+    """Align the head rows of all seen ``classes`` on synthetic features, in place (docs/method.md §5, step 4).
 
     Each epoch draws ``per_class`` fresh features per class from ``mixtures`` and shuffles them (both with
     ``generator``; ``None``: a fresh CPU generator seeded with 0). Loss per batch: the batch mean of the

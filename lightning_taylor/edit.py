@@ -1,4 +1,4 @@
-"""Editing a finished run: unlearn, specialise or reweight its task deltas, evaluate, export (METHOD.md §7).
+"""Editing a finished run: unlearn, specialise or reweight its task deltas, evaluate, export (docs/method.md §7).
 
 A run is its Lightning checkpoint (``checkpoints/last.ckpt``): the backbone θ0, the trained head and the
 banked task deltas, plus the hyper-parameters of the module and the data module. On top of it:

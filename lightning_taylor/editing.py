@@ -1,4 +1,4 @@
-"""Composition and editing algebra of task deltas (METHOD.md §1, §7), pure and Lightning-free.
+"""Composition and editing algebra of task deltas (docs/method.md §1, §7), pure and Lightning-free.
 
 A :class:`Composition` gives the coefficients of ``θ = θ0 + Σ_s w_s τ_s``. Edits are per-task factors
 ``m_s`` applied to those coefficients (the paper's ``θ0 + Σ_s (m_s / T) τ_s`` starting from the uniform

@@ -1,4 +1,4 @@
-"""Diagonal Fisher of a classifier w.r.t. the weights and biases of its ``nn.Linear`` layers (METHOD.md §3).
+"""Diagonal Fisher of a classifier w.r.t. the weights and biases of its ``nn.Linear`` layers (docs/method.md §3).
 
 For a classifier with logits ``z(x)`` and softmax outputs ``p(x)`` over ``C`` classes, the diagonal of the
 true Fisher, *summed* over a data set, is

@@ -1,4 +1,4 @@
-"""The ITA, IEL and head regularisers (METHOD.md §4) and their gradients, without autograd graphs.
+"""The ITA, IEL and head regularisers (docs/method.md §4) and their gradients, without autograd graphs.
 
 Notation for one target layer: ``τ`` the current task's dense delta, ``P = Σ_{s<t} τ_s`` the sum of the
 past deltas, ``F`` the accumulated diagonal Fisher mean (prior included), all of the weight's shape; every

@@ -337,7 +337,7 @@ def test_one_fit_runs_the_whole_stream(tmp_path):
     trainer.save_checkpoint(tmp_path / "stream.ckpt")
     checkpoint = torch.load(tmp_path / "stream.ckpt", weights_only=True)
     assert checkpoint["datamodule_hyper_parameters"]["epochs_per_task"] == 2
-    assert checkpoint["TaskStreamDataModule"] == {"task": 3}
+    assert checkpoint["TaskStreamDataModule"] == {"task": 3, "current_task": 3}
 
 
 # ------------------------------------------------------------------------------------------- arguments

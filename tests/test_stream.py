@@ -1,4 +1,4 @@
-"""One `fit` over a task stream with ITA and IEL, checked against METHOD.md step by step."""
+"""One `fit` over a task stream with ITA and IEL, checked against docs/method.md step by step."""
 
 import copy
 

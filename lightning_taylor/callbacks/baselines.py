@@ -3,7 +3,7 @@
 - :class:`SequentialFineTuning`: one delta trained through every task in turn, evaluated alone
   (``θ0 + τ``): the classic catastrophic-forgetting baseline.
 - :class:`LinearProbe`: no delta at all; evaluation uses the pre-tuned head ``h̃`` on the frozen
-  pre-trained backbone θ0 (METHOD.md §5's probing and alignment alone): what the pre-trained features give.
+  pre-trained backbone θ0 (docs/method.md §5's probing and alignment alone): what the pre-trained features give.
 
 Unregularised task arithmetic is ``ITA(alpha=0)``; joint training is ITA on a one-task stream.
 """

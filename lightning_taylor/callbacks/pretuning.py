@@ -1,4 +1,4 @@
-"""Head pre-tuning at a task boundary (METHOD.md §5, steps 1–4), as a configurable component.
+"""Head pre-tuning at a task boundary (docs/method.md §5, steps 1–4), as a configurable component.
 
 At the start of task ``t``:
 
@@ -27,7 +27,7 @@ from lightning_taylor.alignment import ClassMixtures, align_head, alignment_epoc
 
 @dataclass
 class PreTuning:
-    """Settings of the head pre-tuning (reference values of METHOD.md §5).
+    """Settings of the head pre-tuning (reference values of docs/method.md §5).
 
     Args:
         n_components: diagonal Gaussian components per class.

@@ -115,7 +115,7 @@ class SecondOrder(L.Callback):
         fisher_top_k: classes kept by ``"topk"``.
         fisher_batch_size: batch size of the task-boundary passes (features and Fisher).
         prior: ε added to every mean Fisher.
-        pretuning: head pre-tuning settings (METHOD.md §5).
+        pretuning: head pre-tuning settings (docs/method.md §5).
         head_fisher_samples: synthetic features per class for the head's Fisher.
         seed: seeds the slot initialisation, pre-tuning and synthetic features (identical on every rank);
             ``None`` follows ``seed_everything`` (the ``PL_GLOBAL_SEED`` environment variable, else 0).
@@ -187,7 +187,7 @@ class SecondOrder(L.Callback):
             if value is not None and not (isinstance(value, str) and value):
                 raise expected(name, "an attribute path (str) or None", value)
         self.strength = float(strength)
-        # METHOD.md §4: the head's Fisher weight defaults to α (ITA) or β (IEL).
+        # docs/method.md §4: the head's Fisher weight defaults to α (ITA) or β (IEL).
         self.lambda_fisher = float(strength if lambda_fisher is None else lambda_fisher)
         self.lambda_l2 = float(lambda_l2)
         self.penalty_mode, self.max_grad_norm = penalty_mode, float(max_grad_norm)
@@ -280,7 +280,7 @@ class SecondOrder(L.Callback):
 
     # -- task boundary --------------------------------------------------------------------------------
     def begin_task(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
-        """METHOD.md §5: bank, pre-tune, Fisher of backbone and head at θ0, fresh optimiser state."""
+        """docs/method.md §5: bank, pre-tune, Fisher of backbone and head at θ0, fresh optimiser state."""
         deltas, model = self._deltas(pl_module), self.model(pl_module)
         k = self._classes_per_task(trainer, pl_module)
         task_classes = range(task * k, (task + 1) * k)

@@ -1,4 +1,4 @@
-"""The task-stream DataModule: one ``fit`` runs a whole class-incremental stream (ARCHITECTURE.md).
+"""The task-stream DataModule: one ``fit`` runs a whole class-incremental stream (docs/architecture.md).
 
 The DataModule owns the task schedule. Its :attr:`~TaskStreamDataModule.current_task` is the single source
 of truth for task boundaries: set explicitly with :meth:`~TaskStreamDataModule.set_task` (one ``fit`` per
@@ -303,7 +303,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None:
             return 0
-        if trainer.state.fn != TrainerFn.FITTING and self._checkpoint_task is not None:
+        if self._checkpoint_task is not None and trainer.state.fn != TrainerFn.FITTING:
             return self._checkpoint_task  # the epoch is not restored outside `fit`
         return min(int(trainer.current_epoch) // self.epochs_per_task, self.num_tasks - 1)
 

@@ -1,4 +1,4 @@
-"""Per-task weight deltas of one frozen ``nn.Linear``, in three styles (METHOD.md §2).
+"""Per-task weight deltas of one frozen ``nn.Linear``, in three styles (docs/method.md §2).
 
 A layer with frozen weight ``W0`` (out × in) gets one delta ``τ_t`` (out × in, dense view) per task:
 
@@ -56,7 +56,7 @@ class LinearDelta(nn.Module):
 
     # -- style-specific -------------------------------------------------------------------------------
     def reset_slot(self, generator: torch.Generator) -> None:
-        """Re-initialise the slot so that its delta is zero (METHOD.md §2 initialisation)."""
+        """Re-initialise the slot so that its delta is zero (docs/method.md §2 initialisation)."""
         raise NotImplementedError
 
     def dense(self, state: dict[str, Tensor], weight: Tensor) -> Tensor:

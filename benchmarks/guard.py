@@ -1,0 +1,118 @@
+"""Cost of the non-finite guard: an ITA training step with the guard against the same step without it.
+
+Run from the repository root (about a minute on 2 CPU cores):
+
+    HF_HUB_OFFLINE=1 python benchmarks/guard.py --threads 1
+
+In one process, on the embedded tiny ViT and task 1 of the embedded digits stream (so the ITA penalty is
+active), it runs ``--rounds`` pairs of short fits (tasks 0 and 1, 3 epochs each), alternating guard on / guard off (the guard's checks replaced by
+no-ops), and times every optimiser step (``on_train_batch_start`` → ``on_train_batch_end``: forward,
+backward, penalty, guard, AdamW) of task 1 after ``--warmup`` steps of each epoch. It prints
+
+- the median step time with and without the guard, and their ratio (noisy on a shared machine);
+- the guard's own time (its ``check_step`` and ``add_loss`` calls, timed inside the guarded fits) as a
+  fraction of the guarded step: the robust figure (target ≤ 2 %).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import lightning as L  # noqa: E402
+import torch  # noqa: E402
+
+from lightning_taylor.callbacks import ITA, PreTuning  # noqa: E402
+from lightning_taylor.data import TaskStreamDataModule  # noqa: E402
+from lightning_taylor.module import IncrementalViT  # noqa: E402
+
+
+class StepTimer(L.Callback):
+    """Wall time of every training batch (one optimiser step each) of task 1 after ``warmup`` steps, and the
+    part of it spent in the guard (the growth of ``guard_bucket`` during the step)."""
+
+    def __init__(self, warmup: int, guard_bucket: list[float]) -> None:
+        self.warmup, self.bucket = warmup, guard_bucket
+        self.times: list[float] = []
+        self.guard_times: list[float] = []
+        self._start, self._guard_before = 0.0, 0.0
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self._guard_before = sum(self.bucket)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
+        if trainer.current_epoch >= EPOCHS and batch_idx >= self.warmup:  # task 1: the penalty is active
+            self.times.append(time.perf_counter() - self._start)
+            self.guard_times.append(sum(self.bucket) - self._guard_before)
+
+
+def timed(function, bucket: list[float]):  # noqa: ANN001, ANN201
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            bucket.append(time.perf_counter() - start)
+    return wrapper
+
+
+EPOCHS = 3  # per task
+
+
+def one_fit(guarded: bool, warmup: int, save_dir: str) -> tuple[list[float], float]:
+    """Tasks 0 and 1 of the digits stream; step times of task 1 and the guard's total time in them."""
+    L.seed_everything(0, verbose=False)
+    data = TaskStreamDataModule("digits", num_tasks=5, epochs_per_task=EPOCHS, batch_size=32)
+    model = IncrementalViT(epochs_per_task=EPOCHS, num_classes=10, classes_per_task=2)
+    ita = ITA(alpha=100.0, lambda_fisher=1.0, rank=4, fisher_estimator="mc",
+              pretuning=PreTuning(probe_epochs=1, align_epochs=1, align_epochs_per_task=0, samples_per_class=32),
+              save_dir=save_dir)
+    guard_time: list[float] = []
+    if guarded:
+        ita.guard.check_step = timed(ita.guard.check_step, guard_time)
+        ita.guard.add_loss = timed(ita.guard.add_loss, guard_time)
+    else:
+        ita.guard.check_step = lambda *args, **kwargs: True
+        ita.guard.add_loss = lambda loss: None
+    timer = StepTimer(warmup, guard_time)
+    trainer = L.Trainer(max_epochs=2 * EPOCHS, reload_dataloaders_every_n_epochs=1,
+                        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[ita, timer])
+    trainer.fit(model, data)
+    return timer.times, sum(timer.guard_times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="fits per setting, alternating")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed steps at the start of each epoch of task 1")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    with_guard, without, guard_total, guarded_total = [], [], 0.0, 0.0
+    with tempfile.TemporaryDirectory() as save_dir:  # the fits' saved deltas are not wanted
+        for _ in range(args.rounds):
+            times, spent = one_fit(True, args.warmup, save_dir)
+            with_guard += times
+            guard_total, guarded_total = guard_total + spent, guarded_total + sum(times)
+            without += one_fit(False, args.warmup, save_dir)[0]
+    on, off = statistics.median(with_guard), statistics.median(without)
+    print(f"ITA step (embedded ViT, digits task 1, batch 32, {args.threads} thread(s), "
+          f"{len(with_guard)} steps each):")
+    print(f"  median with the guard    {1e3 * on:8.2f} ms")
+    print(f"  median without the guard {1e3 * off:8.2f} ms")
+    print(f"  ratio with / without     {on / off:8.3f}")
+    print(f"  guard's own time / guarded step: {100 * guard_total / guarded_total:.2f} %")
+
+
+if __name__ == "__main__":
+    main()
