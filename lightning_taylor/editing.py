@@ -14,6 +14,7 @@ Classifier heads are not edited here; masking removed classes at prediction time
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any, Iterable, Mapping, Sequence
@@ -56,11 +57,7 @@ class Composition:
 def _check_finite(name: str, values: Mapping[Any, Any]) -> None:
     """Refuse a mapping ``task -> number`` holding a non-number, NaN or ±inf, naming ``name`` and the task."""
     for task, value in values.items():
-        try:
-            ok = not isinstance(value, bool) and math.isfinite(float(value))
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
             raise expected(name, "finite numbers (no NaN or inf)", dict(values), f"Task {task} has {value!r}.")
 
 

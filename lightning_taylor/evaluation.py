@@ -33,7 +33,10 @@ def mask_logits(logits: Tensor, classes: Sequence[int]) -> Tensor:
 @torch.no_grad()
 def predict(model: IncrementalViT, loader: Any, composition: Composition | Mapping[int, float] | None = None,
             mask_classes: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
-    """Logits (float32, on the CPU) and targets of ``model`` over ``loader``, with ``composition`` set first."""
+    """Logits (float32, on the CPU) and targets of ``model`` over ``loader``, with ``composition`` set first.
+
+    Non-finite logits (before masking) are an error: an overflowing composition must not pass as a result.
+    """
     model.eval()
     if composition is not None:
         model.task_deltas.compose(composition)
@@ -43,7 +46,17 @@ def predict(model: IncrementalViT, loader: Any, composition: Composition | Mappi
         logits.append(model(x.to(device)).float().cpu())
         targets.append(y)
     out = torch.cat(logits)
+    if not torch.isfinite(out).all():
+        raise ValueError(f"The logits of the composition {_describe(composition)} have NaN or inf values "
+                         "(a factor too large for the weights' precision?).")
     return (mask_logits(out, mask_classes) if mask_classes else out), torch.cat(targets)
+
+
+def _describe(composition: Composition | Mapping[int, float] | None) -> str:
+    if composition is None:
+        return "set on the model"
+    weights = composition.weights if isinstance(composition, Composition) else composition
+    return str({int(t): float(w) for t, w in sorted(weights.items())})
 
 
 def accuracies(logits: Tensor, targets: Tensor, num_tasks: int, classes_per_task: int,
