@@ -248,7 +248,7 @@ def export(run: Run, path: str | os.PathLike, composition: Composition | Mapping
     return path
 
 
-# ------------------------------------------------------------------------------------------- helpers
+# ------------------------------------------------------------------------------------------ command
 def main(args: Sequence[str] | None = None) -> EditResult:
     """``lightning-taylor edit`` (see :func:`lightning_taylor.edit_cli.main`)."""
     from lightning_taylor.edit_cli import main as edit_main  # the command builds on this module
@@ -256,6 +256,7 @@ def main(args: Sequence[str] | None = None) -> EditResult:
     return edit_main(args)
 
 
+# ------------------------------------------------------------------------------------------- helpers
 def _weights(composition: Composition) -> dict[str, float]:
     return {str(t): round(float(w), 6) for t, w in sorted(composition.weights.items())}
 

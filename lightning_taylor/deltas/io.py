@@ -4,7 +4,8 @@ Banked deltas are stored under ``<layer>.<slot tensor>_task<t>`` (e.g. ``blocks.
 with the delta configuration in the file's metadata, so a file documents itself and is refused by a
 ``TaskDeltas`` of another style or rank. An exported model is the plain ``state_dict`` of the merged
 network plus the timm model name and constructor arguments: it loads with torch, timm and safetensors
-alone.
+alone. Only a plain timm name and architecture arguments (:data:`MODEL_KWARGS`) are written and read back,
+so a file cannot make ``timm.create_model`` load other weights or reach the network.
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
 from lightning_taylor._checks import expected
-
 from lightning_taylor.deltas.task_deltas import TaskDeltas
 from lightning_taylor.editing import Composition
 
@@ -227,4 +227,13 @@ def load_merged(path: str | os.PathLike, **overrides: Any) -> nn.Module:
     return model
 
 
-__all__ = ["MODEL_KWARGS", "check_model_spec", "save_deltas", "load_deltas", "read_metadata", "merged_state_dict", "export_merged", "load_merged"]
+__all__ = [
+    "MODEL_KWARGS",
+    "check_model_spec",
+    "export_merged",
+    "load_deltas",
+    "load_merged",
+    "merged_state_dict",
+    "read_metadata",
+    "save_deltas",
+]
