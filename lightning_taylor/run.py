@@ -228,9 +228,10 @@ def _datamodule(hparams: Mapping[str, Any] | None, source: Path, data_root: str 
     except (InputError, OSError) as err:
         if dataset == "digits":  # bundled with scikit-learn: not a question of where the data is
             raise
+        cause = str(err).split(". ")[0].rstrip(".")  # the problem, without its advice to download
         raise expected("data_root", f"a directory holding the run's '{dataset}' data", args.get("root"),
-                       f"{err} Editing and evaluating never download: point `--data-root` (load_run(data_root=...)) "
-                       "at a copy of the data.") from err
+                       f"({cause}.) Runs are loaded without downloading: point `--data-root` "
+                       "(load_run(data_root=...)) at a copy of the data.") from err
     return datamodule
 
 
