@@ -192,8 +192,9 @@ def _info(checkpoint: Mapping[str, Any], config: Mapping[str, Any] | None, delta
     """Algorithm and strength: from the checkpoint's callbacks and ``config.yaml``, then the deltas file."""
     info: dict[str, str] = {}
     for key in checkpoint.get("callbacks", {}):
-        if key in _STRENGTH:
-            info["algorithm"] = key.lower()
+        kind = str(key).split("{")[0]  # Lightning's state key: the class name, maybe with its arguments
+        if kind in _STRENGTH:
+            info["algorithm"] = kind.lower()
     trainer = (config or {}).get("trainer")
     for callback in (trainer.get("callbacks") or []) if isinstance(trainer, Mapping) else []:
         if isinstance(callback, Mapping) and isinstance(callback.get("init_args"), Mapping):
