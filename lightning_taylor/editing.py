@@ -13,9 +13,11 @@ Classifier heads are not edited here; masking removed classes at prediction time
 
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 from lightning_taylor._checks import expected
 
@@ -31,6 +33,12 @@ class Composition:
     weights: Mapping[int, float]
     layer_factors: tuple[tuple[str, Mapping[int, float]], ...] = field(default=())
 
+    def __post_init__(self) -> None:
+        # A NaN or infinite coefficient would make every composed or merged weight non-finite.
+        _check_finite("weights", self.weights)
+        for pattern, factors in self.layer_factors:
+            _check_finite(f"layer_factors[{pattern!r}]", factors)
+
     @property
     def tasks(self) -> list[int]:
         return sorted(self.weights)
@@ -44,6 +52,21 @@ class Composition:
                     if task in weights:
                         weights[task] *= float(factor)
         return weights
+
+
+def _check_finite(name: str, values: Mapping[Any, Any]) -> None:
+    """Refuse a mapping ``task -> number`` holding a non-number, NaN or ±inf, naming ``name`` and the task."""
+    for task, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise expected(name, "finite numbers (no NaN or inf)", dict(values), f"Task {task} has {value!r}.")
+
+
+def check_layer_patterns(composition: Composition, layers: Sequence[str]) -> None:
+    """Refuse a per-layer factor whose glob pattern matches none of ``layers`` (it would do nothing)."""
+    for pattern, _ in composition.layer_factors:
+        if not any(fnmatchcase(name, pattern) for name in layers):
+            raise expected("layer_factors", "glob patterns that match layers with deltas", pattern,
+                           f"Some of those layers: {list(layers[:8])}.")
 
 
 def uniform(tasks: Iterable[int]) -> Composition:
@@ -63,8 +86,12 @@ def _check_tasks(name: str, tasks: Iterable[int], composition: Composition) -> l
 
 
 def reweight(composition: Composition, factors: Mapping[int, float], layers: str | None = None) -> Composition:
-    """Multiply the coefficient of each task ``s`` by ``factors[s]``; only in layers matching ``layers``."""
+    """Multiply the coefficient of each task ``s`` by ``factors[s]``; only in layers matching ``layers``.
+
+    Every factor must be finite.
+    """
     _check_tasks("factors", factors, composition)
+    _check_finite("factors", factors)
     factors = {int(t): float(m) for t, m in factors.items()}
     if layers is not None:
         return Composition(dict(composition.weights), composition.layer_factors + ((layers, factors),))

@@ -24,3 +24,11 @@ def vit() -> torch.nn.Module:
 @pytest.fixture
 def images() -> torch.Tensor:
     return torch.randn(6, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory):
+    """A tiny finished ITA run directory (tests/finished_run.py), built once and shared: do not modify it."""
+    from finished_run import make_run
+
+    return make_run(tmp_path_factory.mktemp("finished_run"))

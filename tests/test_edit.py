@@ -2,27 +2,23 @@
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
-import lightning as L
 import pytest
 import timm
 import torch
+import yaml
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from finished_run import TASKS, TINY, copy_run
+
 from lightning_taylor import cli as cli_module
-from lightning_taylor.callbacks import ITA, PreTuning
-from lightning_taylor.data import TaskStreamDataModule
-from lightning_taylor.deltas import save_deltas
 from lightning_taylor.edit import Edit, apply_edit, evaluate, export, load_run, predict, removed_tasks
 from lightning_taylor.editing import uniform
-from lightning_taylor.module import IncrementalViT
-
-TINY = dict(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2, in_chans=1)
-FAST_PRETUNING = PreTuning(probe_epochs=1, align_epochs=1, align_epochs_per_task=0, samples_per_class=16)
-TASKS = 3  # trained tasks out of the stream's 5
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -35,35 +31,8 @@ def one_thread():
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory, one_thread):
-    """A tiny ITA run over 3 of 5 digit tasks, with large random deltas so that no edit passes vacuously."""
-    root = tmp_path_factory.mktemp("run")
-    L.seed_everything(0, verbose=False)
-    data = TaskStreamDataModule("digits", num_tasks=5, epochs_per_task=1, batch_size=32, image_size=16,
-                                eval_batch_size=512)
-    model = IncrementalViT("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY, num_classes=10,
-                           classes_per_task=2, epochs_per_task=1, lr=1e-2)
-    callback = ITA(1.0, rank=2, pretuning=FAST_PRETUNING, head_fisher_samples=8, fisher_estimator="empirical",
-                   save_dir=str(root))
-    trainer = L.Trainer(max_epochs=TASKS, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0,
-                        limit_train_batches=1, limit_val_batches=0, enable_progress_bar=False, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=root,
-                        callbacks=[callback])
-    trainer.fit(model, data)
-    deltas = model.task_deltas
-    assert deltas.banked_tasks == [0, 1, 2] and deltas.current_task == 2
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for _, delta, _ in deltas.layers():
-            for task in (0, 1):
-                for value in delta.task_state(task).values():
-                    value.copy_(0.3 * torch.randn(value.shape, generator=generator))
-            for value in delta.slot_state().values():
-                value.copy_(0.3 * torch.randn(value.shape, generator=generator))
-    deltas.bank()  # task 2 lives in the slot (as in a checkpoint saved during fit) and in the bank
-    trainer.save_checkpoint(root / "checkpoints" / "last.ckpt")
-    save_deltas(deltas, root / "deltas.safetensors", metadata={"algorithm": "ita", "strength": "1.0"})
-    return root
+def run_dir(finished_run):
+    return finished_run
 
 
 @pytest.fixture(scope="module")
@@ -234,3 +203,50 @@ def test_cli_rejects_bad_factors(run_dir):
         main([str(run_dir), "--factor", "0:0.5"])
     with pytest.raises(ValueError, match="PATTERN:TASK=FACTOR"):
         main([str(run_dir), "--layer-factor", "1=0"])
+
+
+def test_load_run_is_ready_to_evaluate_and_falls_back_on_config_yaml(run_dir, images, tmp_path):
+    fresh = load_run(run_dir / "checkpoints" / "last.ckpt")  # a checkpoint alone
+    with torch.no_grad():
+        deployed = fresh.model(images)  # composed uniformly on load: the deployed model, ready for test / validate
+    torch.testing.assert_close(deployed, logits_of(fresh, uniform(fresh.tasks), images), rtol=0, atol=0)
+    # a checkpoint without the data's hyper-parameters: LightningCLI's config.yaml next to checkpoints/ has them
+    copy = copy_run(run_dir, tmp_path / "run")
+    state = torch.load(copy / "checkpoints" / "last.ckpt", weights_only=True)
+    data = state.pop("datamodule_hyper_parameters")
+    torch.save(state, copy / "checkpoints" / "last.ckpt")
+    (copy / "deltas.safetensors").unlink()
+    with pytest.raises(ValueError, match="`checkpoint`.*config.yaml"):
+        load_run(copy)
+    config = {"model": {"lr": 0.01},
+              "data": {"class_path": "lightning_taylor.data.TaskStreamDataModule", "init_args": data},
+              "trainer": {"callbacks": [{"class_path": "lightning_taylor.callbacks.ITA", "init_args": {"alpha": 7}}]}}
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    loaded = load_run(copy)
+    assert loaded.info == {"algorithm": "ita", "strength": "7.0"} and loaded.config == config
+    assert loaded.datamodule.image_size == 16 and loaded.datamodule.num_tasks == 5
+    assert evaluate(loaded.model, loaded.datamodule) == evaluate(fresh.model, fresh.datamodule)
+    # nor the module's: its config section, with the classes linked from the data as LightningCLI does
+    state.pop("hyper_parameters")
+    torch.save(state, copy / "checkpoints" / "last.ckpt")
+    config["model"] = {"model_name": "vit_tiny_patch16_224", "pretrained": False, "model_kwargs": TINY}
+    (copy / "config.yaml").write_text(yaml.safe_dump(config))
+    loaded = load_run(copy)
+    assert loaded.model.hparams.num_classes == 10 and loaded.model.hparams.classes_per_task == 2
+    assert evaluate(loaded.model, loaded.datamodule) == evaluate(fresh.model, fresh.datamodule)
+
+
+def test_the_command_prints_the_table_and_where_files_went_nothing_else(run_dir, tmp_path):
+    out, merged = tmp_path / "out", tmp_path / "merged.safetensors"
+    done = subprocess.run([sys.executable, "-m", "lightning_taylor.cli", "edit", str(run_dir), "--drop", "1",
+                           "--output-dir", str(out), "--export", str(merged)],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""  # no library INFO lines (e.g. the backbone's "pretrained=False"), no warnings
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("Edit drop1: composition") and lines[2].startswith("-----")
+    assert [r.split()[0] for r in lines[3:7]] == ["0", "1*", "2", "average"]
+    assert lines[-2:] == [f"Accuracies written to {out / 'edit_accuracy.csv'} and {out / 'edit.json'}",
+                          f"Merged model written to {merged}"]
+    assert len(lines) == 10 and merged.is_file()

@@ -3,7 +3,7 @@ import torch
 from helpers import train_stream
 
 from lightning_taylor.deltas import TaskDeltas
-from lightning_taylor.editing import Composition, reweight, specialise, uniform, unlearn
+from lightning_taylor.editing import Composition, check_layer_patterns, reweight, specialise, uniform, unlearn
 
 
 def test_uniform_and_edits_follow_the_paper():
@@ -61,3 +61,14 @@ def test_per_layer_unlearning_changes_only_those_layers(vit, images):
         if not name.startswith("blocks.1."):
             expected = expected + deltas.task_delta(name, 0) / 2
         torch.testing.assert_close(layer.composed_delta(linear.weight), expected)
+
+
+def test_layer_patterns_must_match_a_layer_and_factors_be_finite():
+    layers = ["blocks.0.attn.qkv", "blocks.1.mlp.fc1"]
+    check_layer_patterns(reweight(uniform([0, 1]), {1: 0.0}, layers="blocks.1.*"), layers)
+    with pytest.raises(ValueError, match=r"`layer_factors`.*'head\*'.*blocks\.0\.attn\.qkv"):
+        check_layer_patterns(reweight(uniform([0, 1]), {1: 0.0}, layers="head*"), layers)
+    for bad in (float("nan"), float("inf"), -float("inf"), "2", None, True):
+        with pytest.raises(ValueError, match="`factors`.*finite"):
+            reweight(uniform([0, 1]), {0: bad})
+    assert reweight(uniform([0, 1]), {0: -3}).weights == {0: -1.5, 1: 0.5}  # negative factors are fine
