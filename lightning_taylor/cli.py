@@ -16,7 +16,6 @@ Bad settings and non-finite values end the command with a one-line message (exit
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 from pathlib import Path
@@ -34,9 +33,9 @@ from lightning_taylor.console import quiet_lightning
 from lightning_taylor.data import TaskStreamDataModule
 from lightning_taylor.finite import NonFiniteError
 from lightning_taylor.module import IncrementalViT
+from lightning_taylor.run import find_checkpoint, run_directory
 from lightning_taylor.threads import auto_threads, available_cores, current_load
 
-log = logging.getLogger(__name__)
 
 #: The offline demo, the command's defaults (``configs/digits/ita.yaml`` spells out the same run).
 DEMO_DIR = "runs/digits/ita"
@@ -117,7 +116,7 @@ class TaylorCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         config = self._config
         if config.get("ckpt_path"):
-            config.ckpt_path = os.fspath(find_checkpoint(config.ckpt_path))
+            config.ckpt_path = os.fspath(find_checkpoint(config.ckpt_path, "ckpt_path"))
             _log_into_run(config, self.subcommand)
         self.save_config_kwargs = {**self.save_config_kwargs,
                                    "resuming": self.subcommand == "fit" and bool(config.get("ckpt_path"))}
@@ -154,23 +153,6 @@ class TaylorCLI(LightningCLI):
         trainer.check_val_every_n_epoch = data.epochs_per_task
 
 
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` if it is a file, else its ``checkpoints/last.ckpt`` (a run directory)."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    last = path / "checkpoints" / "last.ckpt"
-    if last.is_file():
-        return last
-    raise expected("ckpt_path", "a checkpoint file or a run directory holding checkpoints/last.ckpt",
-                   os.fspath(path))
-
-
-def run_directory(checkpoint: Path) -> Path:
-    """The run a checkpoint belongs to: the parent of its ``checkpoints/`` folder (else its own folder)."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-
-
 def _log_into_run(config: Namespace, subcommand: str) -> None:
     """A resumed ``fit`` logs into the run it continues; ``test`` / ``validate`` into ``<run>/<subcommand>/``."""
     logger = config.trainer.get("logger")
@@ -201,7 +183,7 @@ def _with_run_config(args: list[str]) -> list[str]:
     ckpt = _option(args, "--ckpt_path")
     if ckpt is None:
         return args
-    config = run_directory(find_checkpoint(ckpt)) / "config.yaml"
+    config = run_directory(find_checkpoint(ckpt, "--ckpt_path")) / "config.yaml"
     if not config.is_file():
         raise expected("--ckpt_path", "a checkpoint of a run whose directory holds its config.yaml", ckpt,
                        "Pass the run's settings with --config FILE.")

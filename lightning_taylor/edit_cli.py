@@ -24,7 +24,7 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from lightning_taylor._checks import InputError, expected
+from lightning_taylor._checks import expected
 from lightning_taylor.edit import Edit, EditResult, apply_edit, export
 from lightning_taylor.run import find_checkpoint, load_run, run_directory
 

@@ -43,6 +43,7 @@ from lightning_taylor.data import TaskStreamDataModule
 from lightning_taylor.deltas import TaskDeltas, load_deltas
 from lightning_taylor.deltas.io import check_model_spec, read_metadata
 from lightning_taylor.editing import uniform
+from lightning_taylor.finite import first_non_finite
 from lightning_taylor.module import IncrementalViT
 
 log = logging.getLogger(__name__)
@@ -97,8 +98,11 @@ class Run:
         return algorithm if strength is None else f"{algorithm} (strength {strength})"
 
 
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """``path`` itself if it is a file, else ``<path>/checkpoints/last.ckpt`` or the newest ``.ckpt`` there."""
+def find_checkpoint(path: str | os.PathLike, argument: str = "run") -> Path:
+    """``path`` itself if it is a file, else ``<path>/checkpoints/last.ckpt`` or the newest ``.ckpt`` there.
+
+    ``argument`` names the setting in the error (``run`` for ``edit``, ``ckpt_path`` for the other commands).
+    """
     path = Path(path)
     if path.is_file():
         return path
@@ -107,21 +111,13 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
         return folder / "last.ckpt"
     found = sorted(folder.glob("*.ckpt"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
     if not found:
-        raise expected("run", "a checkpoint file or a run directory with checkpoints/*.ckpt", os.fspath(path))
+        raise expected(argument, "a checkpoint file or a run directory with checkpoints/*.ckpt", os.fspath(path))
     return found[-1]
 
 
 def run_directory(checkpoint: Path) -> Path:
     """The run directory of ``checkpoint``: the parent of its ``checkpoints/`` folder, else its own folder."""
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
-
-
-def first_non_finite(tensors: Mapping[str, Tensor]) -> str | None:
-    """The name of the first floating-point tensor holding a NaN or ±inf, ``None`` if all are finite."""
-    for name, value in tensors.items():
-        if isinstance(value, Tensor) and value.is_floating_point() and not torch.isfinite(value).all():
-            return name
-    return None
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
@@ -132,10 +128,10 @@ def _read_checkpoint(path: Path) -> dict[str, Any]:
                        os.fspath(path), f"Reading it failed: {type(err).__name__}: {err}") from err
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), Mapping):
         raise expected("checkpoint", "a Lightning checkpoint with a `state_dict`", os.fspath(path))
-    bad = first_non_finite(checkpoint["state_dict"])
+    bad = first_non_finite(checkpoint["state_dict"].items())
     if bad is not None:
         raise expected("checkpoint", "a checkpoint whose tensors are all finite", os.fspath(path),
-                       f"The tensor `{bad}` has NaN or inf values (a damaged file or a diverged run).")
+                       f"The tensor `{bad[0]}` has {bad[1]} (a damaged file or a diverged run).")
     return checkpoint
 
 
@@ -212,8 +208,9 @@ def _info(checkpoint: Mapping[str, Any], config: Mapping[str, Any] | None, delta
 
 
 def _datamodule(hparams: Mapping[str, Any] | None, source: Path, data_root: str | os.PathLike | None,
-                overrides: Mapping[str, Any]) -> TaskStreamDataModule:
-    """The run's stream, never downloading, from ``data_root`` if given; set up, so missing data fails here."""
+                overrides: Mapping[str, Any], model: IncrementalViT) -> TaskStreamDataModule:
+    """The run's stream, serving ``model``'s input, never downloading, from ``data_root`` if given; set up, so
+    missing data fails here."""
     if hparams is None:
         raise expected("checkpoint", "a run of TaskStreamDataModule (with its hyper-parameters or a config.yaml)",
                        os.fspath(source), "Pass `datamodule=` to evaluate on another stream.")
@@ -225,6 +222,7 @@ def _datamodule(hparams: Mapping[str, Any] | None, source: Path, data_root: str 
     dataset = args.get("dataset", "digits")
     try:
         datamodule = TaskStreamDataModule(**args)
+        datamodule.follow_model(model)  # as `setup` does under a Trainer: channels and size of the backbone
         datamodule.setup()
     except (InputError, OSError) as err:
         if dataset == "digits":  # bundled with scikit-learn: not a question of where the data is
@@ -244,10 +242,10 @@ def _load_deltas_file(deltas: TaskDeltas, path: Path) -> None:
     except (OSError, SafetensorError) as err:
         raise expected("deltas", "a deltas.safetensors file written by the ITA / IEL callback", os.fspath(path),
                        f"Reading it failed: {err}.") from err
-    bad = first_non_finite(tensors)
+    bad = first_non_finite(tensors.items())
     if bad is not None:
         raise expected("deltas", "a deltas file whose tensors are all finite", os.fspath(path),
-                       f"The tensor `{bad}` has NaN or inf values.")
+                       f"The tensor `{bad[0]}` has {bad[1]}.")
     tasks = load_deltas(deltas, path)
     current = deltas.current_task
     if current in tasks:  # the slot's task enters the forward through the slot: give it the file's values
@@ -286,14 +284,14 @@ def load_run(
     config = _read_config(run_dir)
     source = os.fspath(checkpoint_path)
 
-    if datamodule is None:
-        data_hparams = checkpoint.get("datamodule_hyper_parameters") or _section(config, "data")
-        datamodule = _datamodule(data_hparams, checkpoint_path, data_root, dict(data_overrides or {}))
+    data_hparams = checkpoint.get("datamodule_hyper_parameters") or _section(config, "data")
     hparams = {k: v for k, v in checkpoint.get("hyper_parameters", {}).items() if not k.startswith("_")}
     if not hparams:  # a checkpoint without the module's hyper-parameters: the config's, linked to the data
-        hparams = {**(_section(config, "model") or {}), "num_classes": datamodule.num_classes,
-                   "classes_per_task": datamodule.classes_per_task}
-        hparams.setdefault("epochs_per_task", datamodule.epochs_per_task)
+        stream = datamodule or TaskStreamDataModule(**{k: v for k, v in (data_hparams or {}).items()
+                                                       if not k.startswith("_") and k != "download"})
+        hparams = {**(_section(config, "model") or {}), "num_classes": stream.num_classes,
+                   "classes_per_task": stream.classes_per_task}
+        hparams.setdefault("epochs_per_task", stream.epochs_per_task)
     try:
         # θ0 is in the checkpoint's state: rebuild the architecture without fetching any weights.
         model_name, model_kwargs = resolve_model(hparams.get("model_name"), hparams.get("pretrained", False),
@@ -313,6 +311,8 @@ def load_run(
     deltas_file = Path(deltas) if deltas is not None else None
     if deltas_file is not None:
         _load_deltas_file(model.task_deltas, deltas_file)
+    if datamodule is None:
+        datamodule = _datamodule(data_hparams, checkpoint_path, data_root, dict(data_overrides or {}), model)
     if (datamodule.num_classes, datamodule.classes_per_task) != (hparams["num_classes"], hparams["classes_per_task"]):
         raise expected("data", f"a stream of {hparams['num_classes']} classes in tasks of {hparams['classes_per_task']}",
                        f"{datamodule.num_classes} classes in tasks of {datamodule.classes_per_task}")
@@ -324,4 +324,4 @@ def load_run(
                {**model_kwargs, "num_classes": hparams["num_classes"]}, info, deltas_file, config)
 
 
-__all__ = ["Run", "find_checkpoint", "first_non_finite", "load_run", "run_directory"]
+__all__ = ["Run", "find_checkpoint", "load_run", "run_directory"]

@@ -65,7 +65,7 @@ def main() -> None:
         results = [run(METHODS[name], seed, args.root) for seed in args.seeds]
         rows.append((name, summary([r["accuracy"] for r in results]), summary([r["forgetting"] for r in results]),
                      METHODS[name]))
-    print(f"\n| method | final avg. class-IL accuracy (%) | forgetting (%) | config |\n|---|---|---|---|")
+    print("\n| method | final avg. class-IL accuracy (%) | forgetting (%) | config |\n|---|---|---|---|")
     for name, accuracy, forgetting, config in rows:
         print(f"| {name} | {accuracy} | {forgetting} | `{config}` |")
 

@@ -162,3 +162,18 @@ def test_a_resumed_fit_continues_in_its_run_directory(run_dir):
     command("fit", "--ckpt_path", str(run), cwd=cwd)
     assert not (run.parent / "version_1").exists()
     assert len(open(run / "metrics.csv").read().splitlines()) >= rows_before  # kept, not deleted
+
+
+def test_hub_weights_offline_are_one_line_naming_the_ways_out(tmp_path):
+    env_home = {"HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path / "torch")}
+    old = {k: os.environ.get(k) for k in env_home}
+    os.environ.update(env_home)  # an empty cache: nothing to fall back on
+    try:
+        result = command("fit", "--model.pretrained", "true", "--model.model_name", "vit_tiny_patch16_224",
+                         cwd=tmp_path, check=False)
+    finally:
+        for key, value in old.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert "vit_tiny_patch16_224" in message and "--model.pretrained PATH" in message and "HF_HOME" in message
