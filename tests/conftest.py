@@ -32,3 +32,12 @@ def finished_run(tmp_path_factory):
     from finished_run import make_run
 
     return make_run(tmp_path_factory.mktemp("finished_run"))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: one thread is faster than two cores shared with other processes (restored afterwards)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

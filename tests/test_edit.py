@@ -21,13 +21,7 @@ from lightning_taylor.edit import Edit, apply_edit, evaluate, export, load_run, 
 from lightning_taylor.editing import uniform
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models: one thread is faster than two cores shared with other processes (restored afterwards)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
