@@ -1,0 +1,190 @@
+"""Kronecker-factored (KFAC) curvature of a classifier's ``nn.Linear`` weights, and its ITA / IEL penalties.
+
+For a target layer ``y = W a`` applied to the ``T`` tokens of an example, the Fisher block of ``vec(W)`` is
+approximated by one Kronecker product (Martens & Grosse 2015; for weight sharing over tokens, Eschenhagen
+et al. 2023: "expand" and "reduce"):
+
+    F_W ≈ Ā ⊗ Ḡ        Ā = A / (n·s),   Ḡ = G / n
+
+with ``n`` examples and sums over the same cotangents ``v`` on the logits that the diagonal Fisher uses
+(:mod:`lightning_taylor.fisher`: ``exact`` ``√p_c (e_c − p)`` for every class, ``mc`` sampled labels,
+``empirical`` the true label), ``g_v`` the cotangent at the layer's output:
+
+    expand:  A = Σ_x Σ_t a_t a_tᵀ           (s = T)        G = Σ_x Σ_v Σ_t g_vt g_vtᵀ
+    reduce:  A = Σ_x ā āᵀ, ā = mean_t a_t  (s = 1)        G = Σ_x Σ_v ĝ_v ĝ_vᵀ, ĝ_v = Σ_t g_vt
+
+Sums and counts are kept apart (:class:`KroneckerSums`), summed across processes, and divided afterwards, as
+for the diagonal Fisher. ``Ā ⊗ Ḡ`` is the per-example mean curvature: ``n`` times it is curvlinops'
+``KFACLinearOperator`` for a summed cross-entropy (the test oracle).
+
+The quadratic form of a delta ``τ`` (out × in) is ``vec(τ)ᵀ (Ā ⊗ Ḡ) vec(τ) = tr(Ḡ τ Ā τᵀ)``, so the penalties
+of docs/method.md §4 become, per layer (ε the prior, as ``ε ‖τ‖²`` terms):
+
+    ITA:  (α/2) [tr(Ḡ τ Ā τᵀ) + ε ‖τ‖²]                        ∂/∂τ = α (Ḡ τ Ā + ε τ)
+    IEL:  β [½ (1 − 1/T) q(τ, τ) − (1/T) q(τ, P)],  q(x, y) = tr(Ḡ x Ā yᵀ) + ε ⟨x, y⟩
+
+and for LoRA ``τ = B A_l`` the gradients never form a dense ``Ḡ τ Ā`` of the slot's rank:
+``∂/∂B = D A_lᵀ``, ``∂/∂A_l = Bᵀ D`` with ``D = ∂/∂τ``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Iterable, Literal, Mapping, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_taylor._checks import check_choice, check_non_negative, check_positive_int, expected
+
+KFACApprox = Literal["expand", "reduce"]
+KFACEstimator = Literal["exact", "mc", "empirical"]
+
+
+@dataclass
+class KroneckerSums:
+    """Per-layer ``A`` and ``G`` sums (see the module docstring), the example count and the token scale."""
+
+    inputs: dict[str, Tensor] = field(default_factory=dict)
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    count: int = 0
+    tokens: int = 1
+    estimator: str = "exact"
+    approx: str = "expand"
+
+    def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{layer: (Ā, Ḡ)}``, the per-example means ``A / (n·s)`` and ``G / n``."""
+        if self.count < 1:
+            raise expected("count", "at least one example in the Kronecker sums", self.count)
+        scale = self.tokens if self.approx == "expand" else 1
+        return {name: (self.inputs[name] / (self.count * scale), self.grads[name] / self.count)
+                for name in self.inputs}
+
+    def all_reduce(self, group: object = None) -> KroneckerSums:
+        """Sum the sums and the counts over the processes (in place; no-op outside ``torch.distributed``)."""
+        if dist.is_available() and dist.is_initialized():
+            for tensors in (self.inputs, self.grads):
+                for value in tensors.values():
+                    dist.all_reduce(value, group=group)
+            count = torch.tensor([self.count], dtype=torch.float64, device=next(iter(self.inputs.values())).device)
+            dist.all_reduce(count, group=group)
+            self.count = int(count.item())
+        return self
+
+
+def _cotangents(logits: Tensor, estimator: str, labels: Tensor | None, samples: int,
+                generator: torch.Generator | None) -> Tensor:
+    """``K × B × C`` cotangents on the logits (rows of the loss Hessian's square root for ``exact``)."""
+    probs = logits.detach().double().softmax(-1)
+    eye = torch.eye(probs.shape[-1], dtype=probs.dtype, device=probs.device)
+    if estimator == "exact":
+        rows = probs.sqrt().T[:, :, None] * (eye[:, None, :] - probs[None])  # C × B × C
+    elif estimator == "mc":
+        drawn = torch.multinomial(probs.cpu(), samples, replacement=True, generator=generator).to(probs.device)
+        rows = (eye[drawn.T] - probs[None]) / samples ** 0.5  # S × B × C
+    else:
+        if labels is None:
+            raise expected("labels", "the true labels for the empirical Fisher", None)
+        rows = (eye[labels] - probs)[None]
+    return rows.to(logits.dtype)
+
+
+def kronecker_sums(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], layers: Sequence[str],
+                   estimator: KFACEstimator = "exact", approx: KFACApprox = "expand", samples: int = 1,
+                   generator: torch.Generator | None = None) -> KroneckerSums:
+    """``A`` and ``G`` sums of the ``nn.Linear`` modules ``layers`` of ``model`` (a classifier of logits ``B × C``).
+
+    Each batch is ``(x, y)``; ``y`` is used by ``empirical`` only. The model runs in its current mode; its
+    parameters need not require grad (the graph starts at the layers' outputs).
+    """
+    check_choice("estimator", estimator, ("exact", "mc", "empirical"))
+    check_choice("approx", approx, ("expand", "reduce"))
+    check_positive_int("samples", samples)
+    modules = {name: model.get_submodule(name) for name in layers}
+    for name, module in modules.items():
+        if not isinstance(module, nn.Linear):
+            raise expected("layers", "names of nn.Linear modules", name, f"`{name}` is a {type(module).__name__}.")
+    result = KroneckerSums(estimator=estimator, approx=approx)
+    captured: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def hook(name: str):  # noqa: ANN202
+        def record(module: nn.Module, args: tuple[Tensor, ...], output: Tensor) -> Tensor:
+            # The gradient w.r.t. a zero added to the output is the output's gradient, and unlike a detached
+            # copy it keeps the paths from earlier targets through this layer.
+            zero = torch.zeros_like(output, requires_grad=True)
+            captured[name] = (args[0].detach(), zero)
+            return output + zero
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+    try:
+        for x, y in batches:
+            captured.clear()
+            with torch.enable_grad():
+                logits = model(x)
+                missing = [name for name in layers if name not in captured]
+                if missing:
+                    raise expected("layers", "layers whose forward runs in the model's forward", missing[0],
+                                   "Its weight is applied another way (e.g. F.linear on `.weight`).")
+                rows = _cotangents(logits, estimator, y, samples, generator)
+                outputs = [captured[name][1] for name in layers]
+                for k in range(rows.shape[0]):
+                    grads = torch.autograd.grad(logits, outputs, rows[k], retain_graph=k + 1 < rows.shape[0])
+                    for name, g in zip(layers, grads):
+                        g = g.reshape(g.shape[0], -1, g.shape[-1])
+                        g = g.reshape(-1, g.shape[-1]) if approx == "expand" else g.sum(1)
+                        _add(result.grads, name, g.T @ g)
+            for name in layers:
+                a = captured[name][0]
+                a = a.reshape(a.shape[0], -1, a.shape[-1])
+                result.tokens = a.shape[1]
+                a = a.reshape(-1, a.shape[-1]) if approx == "expand" else a.mean(1)
+                _add(result.inputs, name, a.T @ a)
+            result.count += int(x.shape[0])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return result
+
+
+def _add(store: dict[str, Tensor], name: str, value: Tensor) -> None:
+    store[name] = value if name not in store else store[name] + value
+
+
+def quadratic(x: Tensor, y: Tensor, a: Tensor, g: Tensor, prior: float = 0.0) -> Tensor:
+    """``q(x, y) = tr(Ḡ x Ā yᵀ) + ε ⟨x, y⟩`` for deltas ``x, y`` (out × in), ``a = Ā`` (in × in), ``g = Ḡ``."""
+    return (g @ x @ a * y).sum() + prior * (x * y).sum()
+
+
+def kfac_penalty_grad(tau: Tensor, a: Tensor, g: Tensor, algorithm: str, strength: float, prior: float = 0.0,
+                      past: Tensor | None = None, task_index: int = 0) -> Tensor:
+    """``∂R/∂τ`` of one layer's ITA or IEL penalty in the Kronecker form (module docstring)."""
+    check_choice("algorithm", algorithm, ("ita", "iel"))
+    check_non_negative("strength", float(strength))
+    curved = g @ tau @ a + prior * tau
+    if algorithm == "ita":
+        return strength * curved
+    members = 2 if task_index == 0 else task_index + 1  # T = 2 at task 0, as for the diagonal (§4)
+    past_curved = 0.0 if past is None else g @ past @ a + prior * past
+    return strength * ((1 - 1 / members) * curved - past_curved / members)
+
+
+def kfac_penalty(tau: Tensor, a: Tensor, g: Tensor, algorithm: str, strength: float, prior: float = 0.0,
+                 past: Tensor | None = None, task_index: int = 0) -> Tensor:
+    """The value whose gradient :func:`kfac_penalty_grad` is."""
+    if algorithm == "ita":
+        return 0.5 * strength * quadratic(tau, tau, a, g, prior)
+    members = 2 if task_index == 0 else task_index + 1
+    cross = 0.0 if past is None else quadratic(tau, past, a, g, prior)
+    return strength * (0.5 * (1 - 1 / members) * quadratic(tau, tau, a, g, prior) - cross / members)
+
+
+def lora_grads(dense_grad: Tensor, lora_a: Tensor, lora_b: Tensor) -> dict[str, Tensor]:
+    """``∂/∂B = D A_lᵀ`` and ``∂/∂A_l = Bᵀ D`` for ``τ = B A_l`` (never forming more than ``D``)."""
+    return {"lora_A": lora_b.T @ dense_grad, "lora_B": dense_grad @ lora_a.T}
+
+
+def factor_memory(shapes: Mapping[str, tuple[int, int]]) -> int:
+    """Numbers stored by the factors of layers of shapes ``(out, in)``: ``Σ in² + out²``."""
+    return sum(i * i + o * o for o, i in shapes.values())
