@@ -102,7 +102,8 @@ class TaylorCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
         parser.link_arguments("data.epochs_per_task", "model.epochs_per_task")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.classes_per_task", "model.classes_per_task", apply_on="instantiate")
+        parser.link_arguments("data", "model.classes_per_task", compute_fn=_uniform_task_size, apply_on="instantiate")
+        parser.link_arguments("data", "model.task_sizes", compute_fn=_uneven_task_sizes, apply_on="instantiate")
         parser.set_defaults({"trainer.callbacks": DEMO_CALLBACKS})
         parser.add_argument("--threads", type=int | None, default=None,
                             help="CPU intra-op threads; default: the free cores (load average) over the CPU "
@@ -151,6 +152,18 @@ class TaylorCLI(LightningCLI):
                 f"{data.max_epochs} (or unset)", configured)
         trainer.fit_loop.max_epochs = data.max_epochs
         trainer.check_val_every_n_epoch = data.epochs_per_task
+
+
+def _uniform_task_size(data: TaskStreamDataModule) -> int | None:
+    """The model's ``classes_per_task``: the stream's, or ``None`` when its tasks differ in size."""
+    sizes = data.task_sizes
+    return sizes[0] if len(set(sizes)) == 1 else None
+
+
+def _uneven_task_sizes(data: TaskStreamDataModule) -> list[int] | None:
+    """The model's ``task_sizes``: the stream's class partition when its tasks differ in size, else ``None``."""
+    sizes = data.task_sizes
+    return None if len(set(sizes)) == 1 else list(sizes)
 
 
 def _log_into_run(config: Namespace, subcommand: str) -> None:
