@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -252,3 +253,14 @@ def test_one_batch_fit_on_each_stream(roots, name, tmp_path):
     trainer.fit(model, datamodule=data)
     assert trainer.global_step == 1 and model.seen <= set(data.task_classes(0)) and model.seen
     assert data.hparams["split"] == "reference"
+
+
+def test_the_index_is_built_once_per_stream(roots, monkeypatch):
+    benchmark, builds = BENCHMARKS["eurosat"], []
+    counted = dataclasses.replace(benchmark, index=lambda *a: builds.append(a) or benchmark.index(*a))
+    monkeypatch.setitem(BENCHMARKS, "eurosat", counted)
+    data = TaskStreamDataModule("eurosat", root=str(roots["eurosat"]))
+    for task in range(data.num_tasks):
+        data.set_task(task)
+        data.train_dataloader(), data.val_dataloader(), data.task_dataloader(task)
+    assert len(builds) == 1
