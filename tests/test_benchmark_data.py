@@ -86,7 +86,8 @@ def test_classes_tasks_and_splits(roots, name, split):
 @pytest.mark.parametrize("name", ["imagenet_r", "resisc45", "eurosat", "cropdisease"])
 def test_labels_follow_the_class_folders(roots, name):
     data = stream(name, roots[name])
-    for paths, targets in ((data._raw.train.paths, data._raw.train.targets), (data._raw.test.paths, data._raw.test.targets)):
+    for part in (data._raw.train, data._raw.test):
+        paths, targets = part.paths, part.targets
         assert [class_folder(p) for p in paths] == [data.original_class_names[t] for t in targets.tolist()]
 
 
@@ -264,3 +265,70 @@ def test_the_index_is_built_once_per_stream(roots, monkeypatch):
         data.set_task(task)
         data.train_dataloader(), data.val_dataloader(), data.task_dataloader(task)
     assert len(builds) == 1
+
+
+@pytest.mark.parametrize("method", ["ita", "iel"])
+def test_cars196_uneven_stream_end_to_end(roots, tmp_path, method):
+    """Cars-196's 9 × 20 + 1 × 16 stream: train every task, evaluate, edit (drop the short task) and export."""
+    import safetensors
+    import safetensors.torch
+
+    from lightning_taylor.callbacks import IEL, ITA, ContinualEvaluation, PreTuning
+    from lightning_taylor.edit import Edit, apply_edit, export, load_run
+    from lightning_taylor.module import IncrementalViT
+
+    torch.set_num_threads(1)
+    L.seed_everything(0, verbose=False)
+    data = TaskStreamDataModule("cars196", root=str(roots["cars196"]), epochs_per_task=1, batch_size=8,
+                                eval_batch_size=512)
+    assert data.num_tasks == 10 and data.task_sizes[-1] == 16
+    model = IncrementalViT("vit_tiny_patch16_224", pretrained=False, num_classes=196, classes_per_task=None,
+                           task_sizes=list(data.task_sizes), epochs_per_task=1, lr=1e-2,
+                           model_kwargs=dict(img_size=16, patch_size=8, embed_dim=24, depth=1, num_heads=2))
+    pretuning = PreTuning(n_components=1, probe_epochs=1, align_epochs=1, align_epochs_per_task=0, samples_per_class=4)
+    algorithm = (ITA if method == "ita" else IEL)(1.0, rank=2, pretuning=pretuning, head_fisher_samples=8,
+                                                  fisher_estimator="empirical", save_dir=str(tmp_path))
+    evaluation = ContinualEvaluation(output_dir=str(tmp_path))
+    trainer = L.Trainer(max_epochs=data.max_epochs, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0,
+                        limit_train_batches=1, check_val_every_n_epoch=1, enable_progress_bar=False, logger=False,
+                        enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path,
+                        callbacks=[algorithm, evaluation])
+    trainer.fit(model, data)
+    # Training: every task banked; the last task's head penalty and Fisher used its 16 rows.
+    assert model.task_deltas.tasks == list(range(10))
+    assert algorithm.record["task_sizes"] == [20] * 9 + [16] and "classes_per_task" not in algorithm.record
+    # Evaluation: a full 10 × 10 matrix, task 9 evaluated on its 16 classes.
+    rows = evaluation.matrices["class_il"].rows
+    assert len(rows) == 10 and len(rows[-1]) == 10 and all(0 <= a <= 1 for a in rows[-1])
+    assert len((tmp_path / "accuracy_class_il.csv").read_text().strip().splitlines()) >= 10
+    # Editing and export from the saved run.
+    trainer.save_checkpoint(tmp_path / "checkpoints" / "last.ckpt")
+    run = load_run(tmp_path)
+    assert run.task_ranges[-1] == range(180, 196)
+    result = apply_edit(run, Edit(drop=(9,), mask_removed=True))
+    assert result.removed == [9] and result.masked_classes == list(range(180, 196))
+    assert len(result.before["class_il"]) == 10 and result.after["task_il"][9] != result.after["task_il"][9]  # NaN
+    path = export(run, tmp_path / "merged.safetensors", result.composition, result.masked_classes)
+    meta = safetensors.safe_open(str(path), "pt").metadata()
+    assert json.loads(meta["head_layout"])["task_rows"][-1] == [180, 196] and meta["classes_per_task"] == "null"
+    merged = timm.create_model(meta["model_name"], **json.loads(meta["model_kwargs"]))
+    merged.load_state_dict(safetensors.torch.load_file(str(path)))
+    assert merged.get_classifier().out_features == 196
+
+
+def test_continual_accuracy_of_an_uneven_partition_against_brute_force():
+    from lightning_taylor.metrics import continual_accuracy_counts
+
+    sizes, generator = [3, 3, 2], torch.Generator().manual_seed(0)
+    ranges = [range(0, 3), range(3, 6), range(6, 8)]
+    logits, target = torch.randn(40, 8, generator=generator), torch.randint(0, 6, (40,), generator=generator)
+    class_il, task_il, total = continual_accuracy_counts(logits, target, 2, sizes, 3)
+    expected = torch.zeros(3, 3, dtype=torch.long)
+    for row, y in zip(logits, target.tolist()):
+        t = next(i for i, r in enumerate(ranges) if y in r)
+        expected[0, t] += int(row[:6].argmax()) == y
+        expected[1, t] += ranges[t].start + int(row[ranges[t].start:ranges[t].stop].argmax()) == y
+        expected[2, t] += 1
+    assert torch.equal(torch.stack([class_il, task_il, total]), expected)
+    uniform = continual_accuracy_counts(logits[:, :6], target, 2, 2 * [3], 2)
+    assert all(torch.equal(a, b) for a, b in zip(uniform, continual_accuracy_counts(logits[:, :6], target, 2, 3, 2)))

@@ -76,7 +76,8 @@ class ClassIncrementalSplit:
                  task_sizes: Sequence[int] | None = None) -> None:
         check_positive_int("num_classes", num_classes)
         if task_sizes is None:
-            if isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1 or num_classes % num_tasks:
+            if (isinstance(num_tasks, bool) or not isinstance(num_tasks, int) or num_tasks < 1
+                    or num_classes % num_tasks):
                 raise expected("num_tasks", f"an int >= 1 that divides the {num_classes} classes", num_tasks)
             task_sizes = (num_classes // num_tasks,) * num_tasks
         sizes = check_task_sizes(task_sizes, num_classes)

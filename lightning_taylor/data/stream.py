@@ -459,8 +459,8 @@ class TaskStreamDataModule(L.LightningDataModule):
         self.info = DatasetInfo(index.class_names, self.info.in_chans, self.info.image_size, self.info.num_tasks)
         self.hparams["split"] = index.split  # logged with the hyper-parameters and saved in checkpoints
         self.split_source = index.split_source
-        return RawSplits(FileList(index.train_paths, index.train_targets), FileList(index.test_paths, index.test_targets),
-                         index.train_targets, index.test_targets)
+        return RawSplits(FileList(index.train_paths, index.train_targets),
+                         FileList(index.test_paths, index.test_targets), index.train_targets, index.test_targets)
 
     def _transforms(self) -> tuple[Transform, Transform]:
         if self.dataset == "digits":

@@ -179,7 +179,8 @@ def choose_split(benchmark: Benchmark, root: str, split: SplitChoice, reference_
     present = [p.is_file() for p in reference_files]
     if split == "reference" and not all(present):
         missing = next(p for p, ok in zip(reference_files, present) if not ok)
-        raise benchmark.missing(root, f"`split: reference` needs the reference split file `{missing}`, which is missing.",
+        raise benchmark.missing(root, f"`split: reference` needs the reference split file `{missing}`, which is "
+                                "missing.",
                                 "Use `split: seeded` (or `auto`) for the seeded split.")
     return all(present)
 
@@ -200,7 +201,8 @@ def listed_split(benchmark: Benchmark, root: str, file: Path, entries: Sequence[
         label = label_of.get(parts[-2]) if len(parts) >= 2 else None
         if path not in listed or label != target:
             problem = "is not one of the images" if path not in listed else f"has target {target}, not {label}"
-            raise benchmark.missing(root, f"The split file `{file}` is inconsistent with the data: `{entry}` {problem}.")
+            raise benchmark.missing(root, f"The split file `{file}` is inconsistent with the data: `{entry}` "
+                                    f"{problem}.")
         paths.append(path)
         labels.append(label)
     return paths, torch.tensor(labels, dtype=torch.long)
