@@ -31,6 +31,7 @@ import lightning_taylor.callbacks  # noqa: F401 (short class names: `--trainer.c
 from lightning_taylor._checks import InputError, check_positive_int, expected
 from lightning_taylor.console import quiet_lightning
 from lightning_taylor.data import TaskStreamDataModule
+from lightning_taylor.data.split import uniform_size
 from lightning_taylor.finite import NonFiniteError
 from lightning_taylor.module import IncrementalViT
 from lightning_taylor.run import find_checkpoint, run_directory
@@ -156,14 +157,12 @@ class TaylorCLI(LightningCLI):
 
 def _uniform_task_size(data: TaskStreamDataModule) -> int | None:
     """The model's ``classes_per_task``: the stream's, or ``None`` when its tasks differ in size."""
-    sizes = data.task_sizes
-    return sizes[0] if len(set(sizes)) == 1 else None
+    return uniform_size(data.task_sizes)
 
 
 def _uneven_task_sizes(data: TaskStreamDataModule) -> list[int] | None:
     """The model's ``task_sizes``: the stream's class partition when its tasks differ in size, else ``None``."""
-    sizes = data.task_sizes
-    return None if len(set(sizes)) == 1 else list(sizes)
+    return None if uniform_size(data.task_sizes) else list(data.task_sizes)
 
 
 def _log_into_run(config: Namespace, subcommand: str) -> None:

@@ -34,6 +34,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from lightning_taylor._checks import expected
+from lightning_taylor.data.split import uniform_size
 from lightning_taylor.deltas import export_merged
 from lightning_taylor.editing import Composition, check_layer_patterns, reweight, specialise, uniform, unlearn
 # Loading and evaluation have their own modules; they stay importable from here (the documented API).
@@ -221,7 +222,7 @@ def export(run: Run, path: str | os.PathLike, composition: Composition | Mapping
     data, masked = run.datamodule, sorted(mask_classes or [])
     meta = {
         "num_tasks": str(data.num_tasks),
-        "classes_per_task": str(data.task_sizes[0]) if len(set(data.task_sizes)) == 1 else "null",
+        "classes_per_task": str(uniform_size(data.task_sizes) or "null"),
         "task_sizes": json.dumps(list(data.task_sizes)),
         "num_classes": str(data.num_classes),
         "head_layout": json.dumps({"task_rows": [[r.start, r.stop] for r in data.task_ranges]}),

@@ -40,6 +40,7 @@ from torch import Tensor
 from lightning_taylor._checks import InputError, expected
 from lightning_taylor.backbone import resolve_model
 from lightning_taylor.data import TaskStreamDataModule
+from lightning_taylor.data.split import uniform_size
 from lightning_taylor.deltas import TaskDeltas, load_deltas
 from lightning_taylor.deltas.io import check_model_spec, read_metadata
 from lightning_taylor.editing import uniform
@@ -295,10 +296,9 @@ def load_run(
     if not hparams:  # a checkpoint without the module's hyper-parameters: the config's, linked to the data
         stream = datamodule or TaskStreamDataModule(**{k: v for k, v in (data_hparams or {}).items()
                                                        if not k.startswith("_") and k != "download"})
-        uniform_stream = len(set(stream.task_sizes)) == 1
-        hparams = {**(_section(config, "model") or {}), "num_classes": stream.num_classes,
-                   "classes_per_task": stream.task_sizes[0] if uniform_stream else None,
-                   "task_sizes": None if uniform_stream else list(stream.task_sizes)}
+        k = uniform_size(stream.task_sizes)
+        hparams = {**(_section(config, "model") or {}), "num_classes": stream.num_classes, "classes_per_task": k,
+                   "task_sizes": None if k else list(stream.task_sizes)}
         hparams.setdefault("epochs_per_task", stream.epochs_per_task)
     try:
         # θ0 is in the checkpoint's state: rebuild the architecture without fetching any weights.

@@ -63,7 +63,7 @@ class ContinualEvaluation(L.Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._num_tasks = require(trainer, pl_module, "num_tasks", self.num_tasks)
         sizes = partition(trainer, pl_module, self._num_tasks, self.classes_per_task)
-        self.metric = ContinualAccuracy(self._num_tasks, sizes[0] if len(set(sizes)) == 1 else sizes)
+        self.metric = ContinualAccuracy(self._num_tasks, list(sizes))
 
     def _seen_tasks(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
         """Tasks evaluated: those seen so far in validation; the whole stream in ``test``."""

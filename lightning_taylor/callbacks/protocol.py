@@ -42,7 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_taylor._checks import expected
-from lightning_taylor.data.split import task_ranges
+from lightning_taylor.data.split import task_ranges, uniform_size
 
 
 class Classifier(nn.Module):
@@ -163,7 +163,7 @@ def uneven_task_sizes(trainer: L.Trainer, pl_module: L.LightningModule,
     """The stated partition when its tasks differ in size (then ``classes_per_task`` must not be given),
     else ``None``: the stream is read through ``classes_per_task`` as before."""
     sizes = stated_task_sizes(trainer, pl_module)
-    if sizes is None or len(set(sizes)) == 1:
+    if sizes is None or uniform_size(sizes) is not None:
         return None
     if classes_per_task is not None:
         raise expected("classes_per_task", f"None: the stream's tasks differ in size (task_sizes={list(sizes)})",

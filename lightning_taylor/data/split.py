@@ -50,6 +50,11 @@ def task_ranges(task_sizes: Sequence[int]) -> tuple[range, ...]:
     return tuple(ranges)
 
 
+def uniform_size(task_sizes: Sequence[int]) -> int | None:
+    """The classes of every task when all tasks have as many, else ``None`` (an uneven partition)."""
+    return task_sizes[0] if len(set(task_sizes)) == 1 else None
+
+
 def check_task_sizes(task_sizes: Sequence[int], num_classes: int) -> tuple[int, ...]:
     """``task_sizes`` as a tuple, if it is a list of ints >= 1 that sum to ``num_classes``."""
     sizes = tuple(task_sizes) if isinstance(task_sizes, (list, tuple)) else None
@@ -100,7 +105,7 @@ class ClassIncrementalSplit:
     @property
     def uniform(self) -> bool:
         """Whether every task has the same number of classes."""
-        return len(set(self.task_sizes)) == 1
+        return uniform_size(self.task_sizes) is not None
 
     @property
     def classes_per_task(self) -> int:
