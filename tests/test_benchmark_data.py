@@ -332,3 +332,30 @@ def test_continual_accuracy_of_an_uneven_partition_against_brute_force():
     assert torch.equal(torch.stack([class_il, task_il, total]), expected)
     uniform = continual_accuracy_counts(logits[:, :6], target, 2, 2 * [3], 2)
     assert all(torch.equal(a, b) for a, b in zip(uniform, continual_accuracy_counts(logits[:, :6], target, 2, 3, 2)))
+
+
+def test_the_logged_hyperparameters_name_the_split(roots, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    data = TaskStreamDataModule("isic", root=str(roots["isic"]), split="auto", epochs_per_task=1, batch_size=4)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=1, limit_val_batches=0, num_sanity_val_steps=0,
+                        accelerator="cpu", logger=CSVLogger(tmp_path, name="run"), enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)
+    trainer.fit(_TinyViT(data.num_classes), datamodule=data)
+    logged = yaml.safe_load(next(tmp_path.rglob("hparams.yaml")).read_text())
+    assert logged["split"] == "reference" and logged["dataset"] == "isic" and logged["class_order_seed"] is None
+
+
+def test_the_resume_record_holds_an_uneven_partition():
+    from types import SimpleNamespace
+
+    from lightning_taylor.callbacks.resume import check_record, stream_record
+
+    def record(sizes):
+        module = SimpleNamespace(task_sizes=sizes, num_tasks=len(sizes), epochs_per_task=1, hparams={})
+        return stream_record(SimpleNamespace(datamodule=None), module, {})
+
+    cars = record([20] * 9 + [16])
+    assert cars["task_sizes"] == [20] * 9 + [16] and "classes_per_task" not in cars
+    with pytest.raises(InputError, match=r"`task_sizes` to be \[20, 20"):
+        check_record(cars, record([16] + [20] * 9), allow_strength_change=False, checkpoint=None)

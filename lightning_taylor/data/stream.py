@@ -244,8 +244,9 @@ class TaskStreamDataModule(L.LightningDataModule):
         self.augment = augment
         self.pin_memory = pin_memory
         self.seed = seed
-        self.save_hyperparameters()  # plain values only, so checkpoints keep loading with weights_only=True
-        self.hparams["class_order_seed"] = class_order_seed  # the order used, not "default"
+        # Plain values only, so checkpoints keep loading with weights_only=True; the arguments' values as resolved
+        # above (class_order_seed: the order used, not "default").
+        self.save_hyperparameters()
         self.split_source: str | None = None  # which files (or seed) the split came from, known in setup
 
         self._task: int | None = None  # explicit task from set_task; None follows the trainer's epoch
@@ -457,7 +458,8 @@ class TaskStreamDataModule(L.LightningDataModule):
             raise benchmark.missing(self.root, f"Its metadata names {len(index.class_names)} classes, not "
                                     f"{self.num_classes}.")
         self.info = DatasetInfo(index.class_names, self.info.in_chans, self.info.image_size, self.info.num_tasks)
-        self.hparams["split"] = index.split  # logged with the hyper-parameters and saved in checkpoints
+        # The split used, not "auto": in the hyper-parameters that Lightning logs (after setup) and checkpoints.
+        self.save_hyperparameters({**self.hparams, "split": index.split})
         self.split_source = index.split_source
         return RawSplits(FileList(index.train_paths, index.train_targets),
                          FileList(index.test_paths, index.test_targets), index.train_targets, index.test_targets)
