@@ -51,7 +51,11 @@ def class_folder(path: str) -> str:
 
 
 def test_every_benchmark_is_registered_with_the_reference_structure():
-    assert set(BENCHMARKS) == set(STRUCTURE)
+    from typing import get_args
+
+    from lightning_taylor.data.stream import ALL_DATASETS, DatasetName
+
+    assert set(BENCHMARKS) == set(STRUCTURE) and get_args(DatasetName) == ALL_DATASETS  # the CLI's choices
     for name, sizes in STRUCTURE.items():
         assert list(BENCHMARKS[name].task_sizes) == sizes and BENCHMARKS[name].num_classes == sum(sizes)
 
