@@ -59,7 +59,7 @@ def mean(values: list[float]) -> float:
 
 def report_run(path: str, label: str | None, renormalise: bool, device: str) -> list[dict]:
     run = load_run(path, device=device)
-    data, tasks, k_per = run.datamodule, run.tasks, run.classes_per_task
+    data, tasks, k_per = run.datamodule, run.tasks, list(run.datamodule.task_sizes)  # classes of each task
     seen = max(tasks) + 1
     loader = eval_loader(data, seen)
     method = label or run.label
@@ -77,7 +77,7 @@ def report_run(path: str, label: str | None, renormalise: bool, device: str) -> 
             removed = [k] if kind == "drop" else [t for t in tasks if t != k]
             logits, targets = predict(run.model, loader, composition)
             after = accuracies(logits, targets, data.num_tasks, k_per)
-            masked = accuracies(logits, targets, data.num_tasks, k_per, task_classes(removed, k_per))
+            masked = accuracies(logits, targets, data.num_tasks, k_per, task_classes(removed, run.task_ranges))
             rows.append({
                 "method": method, "edit": kind, "k": k,
                 "task_k_before": before["class_il"][k], "task_k_after": after["class_il"][k],

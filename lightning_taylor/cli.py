@@ -31,6 +31,7 @@ import lightning_taylor.callbacks  # noqa: F401 (short class names: `--trainer.c
 from lightning_taylor._checks import InputError, check_positive_int, expected
 from lightning_taylor.console import quiet_lightning
 from lightning_taylor.data import TaskStreamDataModule
+from lightning_taylor.data.split import uniform_size
 from lightning_taylor.finite import NonFiniteError
 from lightning_taylor.module import IncrementalViT
 from lightning_taylor.run import find_checkpoint, run_directory
@@ -102,7 +103,8 @@ class TaylorCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
         parser.link_arguments("data.epochs_per_task", "model.epochs_per_task")
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
-        parser.link_arguments("data.classes_per_task", "model.classes_per_task", apply_on="instantiate")
+        parser.link_arguments("data", "model.classes_per_task", compute_fn=_uniform_task_size, apply_on="instantiate")
+        parser.link_arguments("data", "model.task_sizes", compute_fn=_uneven_task_sizes, apply_on="instantiate")
         parser.set_defaults({"trainer.callbacks": DEMO_CALLBACKS})
         parser.add_argument("--threads", type=int | None, default=None,
                             help="CPU intra-op threads; default: the free cores (load average) over the CPU "
@@ -151,6 +153,16 @@ class TaylorCLI(LightningCLI):
                 f"{data.max_epochs} (or unset)", configured)
         trainer.fit_loop.max_epochs = data.max_epochs
         trainer.check_val_every_n_epoch = data.epochs_per_task
+
+
+def _uniform_task_size(data: TaskStreamDataModule) -> int | None:
+    """The model's ``classes_per_task``: the stream's, or ``None`` when its tasks differ in size."""
+    return uniform_size(data.task_sizes)
+
+
+def _uneven_task_sizes(data: TaskStreamDataModule) -> list[int] | None:
+    """The model's ``task_sizes``: the stream's class partition when its tasks differ in size, else ``None``."""
+    return None if uniform_size(data.task_sizes) else list(data.task_sizes)
 
 
 def _log_into_run(config: Namespace, subcommand: str) -> None:

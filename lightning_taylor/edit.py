@@ -34,6 +34,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import torch
 
 from lightning_taylor._checks import expected
+from lightning_taylor.data.split import uniform_size
 from lightning_taylor.deltas import export_merged
 from lightning_taylor.editing import Composition, check_layer_patterns, reweight, specialise, uniform, unlearn
 # Loading and evaluation have their own modules; they stay importable from here (the documented API).
@@ -104,9 +105,9 @@ def removed_tasks(composition: Composition, layers: Sequence[str]) -> list[int]:
     return [t for t in composition.tasks if all(weights[t] == 0 for weights in per_layer)]
 
 
-def task_classes(tasks: Sequence[int], classes_per_task: int) -> list[int]:
-    """The (remapped) class indices owned by ``tasks``."""
-    return [c for t in sorted(tasks) for c in range(t * classes_per_task, (t + 1) * classes_per_task)]
+def task_classes(tasks: Sequence[int], task_ranges: Sequence[range]) -> list[int]:
+    """The (remapped) class indices owned by ``tasks``, given every task's range of classes."""
+    return [c for t in sorted(tasks) for c in task_ranges[t]]
 
 
 
@@ -175,7 +176,7 @@ def apply_edit(run: Run, edit: Edit) -> EditResult:
     composition = edit.composition(run.tasks)
     check_layer_patterns(composition, run.deltas.names)
     removed = removed_tasks(composition, run.deltas.names)
-    masked = task_classes(removed, run.classes_per_task) if edit.mask_removed else []
+    masked = task_classes(removed, run.task_ranges) if edit.mask_removed else []
     before = evaluate(run.model, run.datamodule, uniform(run.tasks))
     after = evaluate(run.model, run.datamodule, composition, masked)
     return EditResult(edit, composition, removed, masked, before, after)
@@ -208,8 +209,9 @@ def export(run: Run, path: str | os.PathLike, composition: Composition | Mapping
 
     Nothing is written unless every merged tensor is finite (the masked head rows' bias −∞ excepted). The
     metadata holds ``model_name`` and ``model_kwargs`` (``num_classes`` included) for
-    ``timm.create_model``, the composition, and the head layout: ``num_tasks``, ``classes_per_task``,
-    ``head_layout`` (the head rows ``[start, stop)`` of each task), ``class_names`` (head row order),
+    ``timm.create_model``, the composition, and the head layout: ``num_tasks``, ``classes_per_task`` (``null``
+    when the tasks differ in size), ``task_sizes``, ``head_layout`` (the head rows ``[start, stop)`` of each
+    task), ``class_names`` (head row order),
     ``masked_classes`` (rows with weight 0 and bias −∞), and the
     preprocessing (``image_size``, ``mean``, ``std``).
     """
@@ -220,10 +222,10 @@ def export(run: Run, path: str | os.PathLike, composition: Composition | Mapping
     data, masked = run.datamodule, sorted(mask_classes or [])
     meta = {
         "num_tasks": str(data.num_tasks),
-        "classes_per_task": str(data.classes_per_task),
+        "classes_per_task": str(uniform_size(data.task_sizes) or "null"),
+        "task_sizes": json.dumps(list(data.task_sizes)),
         "num_classes": str(data.num_classes),
-        "head_layout": json.dumps({"task_rows": [[t * data.classes_per_task, (t + 1) * data.classes_per_task]
-                                                 for t in range(data.num_tasks)]}),
+        "head_layout": json.dumps({"task_rows": [[r.start, r.stop] for r in data.task_ranges]}),
         "class_names": json.dumps(list(data.class_names)),
         "masked_classes": json.dumps(masked),
         "image_size": str(data.image_size),

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from lightning_taylor.data import TaskStreamDataModule
+from lightning_taylor.data.split import task_ranges
 from lightning_taylor.editing import Composition, uniform
 from lightning_taylor.metrics import ContinualAccuracy
 from lightning_taylor.module import IncrementalViT
@@ -59,20 +60,23 @@ def _describe(composition: Composition | Mapping[int, float] | None) -> str:
     return str({int(t): float(w) for t, w in sorted(weights.items())})
 
 
-def accuracies(logits: Tensor, targets: Tensor, num_tasks: int, classes_per_task: int,
+def accuracies(logits: Tensor, targets: Tensor, num_tasks: int, classes_per_task: int | Sequence[int],
                mask_classes: Sequence[int] = ()) -> dict[str, list[float]]:
     """Per-task class-IL and task-IL accuracy (fractions) over the tasks present in ``targets``.
 
+    ``classes_per_task``: the classes of every task, or the list of each task's (the stream's ``task_sizes``).
     Class-IL: argmax over every class of the seen tasks; task-IL: within the example's own task. ``mask_classes``
     are masked first; task-IL is NaN for a task all of whose classes are masked (it has no prediction).
     """
-    seen = int(targets.max()) // classes_per_task + 1
+    sizes = [classes_per_task] * num_tasks if isinstance(classes_per_task, int) else list(classes_per_task)
+    ranges = task_ranges(sizes)
+    seen = next(t for t, r in enumerate(ranges) if int(targets.max()) in r) + 1
     metric = ContinualAccuracy(num_tasks, classes_per_task)
     metric.update(mask_logits(logits, mask_classes), targets, seen)
     result = {name: [float(v) for v in values.reshape(-1)[:seen]] for name, values in metric.compute().items()}
     masked = set(mask_classes)
     for task in range(seen):
-        if set(range(task * classes_per_task, (task + 1) * classes_per_task)) <= masked:
+        if set(ranges[task]) <= masked:
             result["task_il"][task] = math.nan
     return result
 
@@ -93,7 +97,7 @@ def evaluate(model: IncrementalViT, datamodule: TaskStreamDataModule,
     deltas = model.task_deltas
     composition = composition if composition is not None else uniform(deltas.tasks)
     logits, targets = predict(model, eval_loader(datamodule, max(deltas.tasks) + 1), composition)
-    return accuracies(logits, targets, datamodule.num_tasks, datamodule.classes_per_task, mask_classes or ())
+    return accuracies(logits, targets, datamodule.num_tasks, list(datamodule.task_sizes), mask_classes or ())
 
 
 __all__ = ["accuracies", "eval_loader", "evaluate", "mask_logits", "predict"]

@@ -26,25 +26,41 @@ from torchmetrics import Metric
 from lightning_taylor._checks import check_non_negative_int, check_positive_int, expected
 
 
+def _task_sizes(classes_per_task: int | Sequence[int], num_tasks: int) -> list[int]:
+    """Classes of each task: ``classes_per_task`` for every task, or the given list of ``num_tasks`` sizes."""
+    if isinstance(classes_per_task, int) and not isinstance(classes_per_task, bool):
+        check_positive_int("classes_per_task", classes_per_task)
+        return [classes_per_task] * num_tasks
+    sizes = list(classes_per_task) if isinstance(classes_per_task, (list, tuple)) else None
+    if (sizes is None or len(sizes) != num_tasks
+            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in sizes)):
+        raise expected("classes_per_task", f"an int >= 1 or a list of {num_tasks} such ints (classes of each task)",
+                       classes_per_task)
+    return sizes
+
+
 def continual_accuracy_counts(
-    logits: Tensor, target: Tensor, seen_tasks: int, classes_per_task: int, num_tasks: int
+    logits: Tensor, target: Tensor, seen_tasks: int, classes_per_task: int | Sequence[int], num_tasks: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Per-task counts of correct class-IL and task-IL predictions, and of samples (each of length ``num_tasks``).
 
-    The task of a sample is ``target // classes_per_task``. Class-IL predicts the argmax over the classes of
-    the seen tasks (``< seen_tasks · classes_per_task``; logits of unseen classes never win); task-IL predicts
-    the argmax within the sample's own task's classes. Counts are sums over the batch (int64).
+    Task ``t`` owns the contiguous labels ``[s_t, s_t + n_t)``, ``n_t`` its number of classes:
+    ``classes_per_task`` for every task (``s_t = t · k``, the task of a sample is ``target // k``), or the
+    list of every task's ``n_t`` for a stream whose tasks differ in size. Class-IL predicts the argmax over
+    the classes of the seen tasks (``< s_seen``; logits of unseen classes never win); task-IL predicts the
+    argmax within the sample's own task's classes. Counts are sums over the batch (int64).
 
     Args:
-        logits: ``B × C`` with ``C ≥ seen_tasks · classes_per_task`` (extra columns are unseen classes).
+        logits: ``B × C`` with ``C ≥`` the classes of the seen tasks (extra columns are unseen classes).
         target: ``B`` class labels of the seen tasks.
     """
     check_positive_int("seen_tasks", seen_tasks)
     if seen_tasks > num_tasks:
         raise expected("seen_tasks", f"an int in [1, {num_tasks}] (num_tasks)", seen_tasks)
-    seen_classes = seen_tasks * classes_per_task
-    if logits.ndim != 2 or not seen_classes <= logits.shape[1] <= num_tasks * classes_per_task:
-        raise expected("logits", f"a (B, C) tensor with {seen_classes} <= C <= {num_tasks * classes_per_task}",
+    sizes = _task_sizes(classes_per_task, num_tasks)
+    seen_classes, all_classes = sum(sizes[:seen_tasks]), sum(sizes)
+    if logits.ndim != 2 or not seen_classes <= logits.shape[1] <= all_classes:
+        raise expected("logits", f"a (B, C) tensor with {seen_classes} <= C <= {all_classes}",
                        tuple(logits.shape), "C counts the classes of the seen tasks (and optionally unseen ones).")
     if target.ndim != 1 or target.shape[0] != logits.shape[0]:
         raise expected("target", f"a 1-D tensor of {logits.shape[0]} labels (one per logits row)", tuple(target.shape))
@@ -55,13 +71,17 @@ def continual_accuracy_counts(
         bad = target[(target < 0) | (target >= seen_classes)]
         raise expected("target", f"labels of the seen tasks' classes [0, {seen_classes})", sorted(set(bad.tolist())),
                        "Evaluate only on tasks seen so far, or raise `seen_tasks`.")
-    task = target // classes_per_task
+    sizes_t = torch.tensor(sizes, device=target.device)
+    starts = torch.cumsum(sizes_t, 0) - sizes_t
+    task = torch.repeat_interleave(torch.arange(num_tasks, device=target.device), sizes_t)[target]
     seen = logits[:, :seen_classes]
     class_il = seen.argmax(dim=1) == target
-    # B × seen_tasks × classes_per_task: each row's own task block, argmax within it.
-    rows = torch.arange(target.shape[0], device=target.device)
-    own_block = seen.reshape(-1, seen_tasks, classes_per_task)[rows, task]
-    task_il = own_block.argmax(dim=1) + task * classes_per_task == target
+    # Each row's own task's columns, the others at −inf: the argmax within the task (the first on ties, as
+    # within a block of the uniform case).
+    columns = torch.arange(seen_classes, device=target.device)
+    own = (columns >= starts[task][:, None]) & (columns < (starts + sizes_t)[task][:, None])
+    task_il = torch.where(own, seen, torch.tensor(float("-inf"), dtype=seen.dtype, device=seen.device)
+                          ).argmax(dim=1) == target
     # Sums of one-hot rows rather than bincount: deterministic on every device, also under
     # torch.use_deterministic_algorithms (Lightning's deterministic=True).
     one_hot = torch.nn.functional.one_hot(task, num_tasks)
@@ -84,10 +104,10 @@ class ContinualAccuracy(Metric):
     task_il_correct: Tensor
     total: Tensor
 
-    def __init__(self, num_tasks: int, classes_per_task: int, **kwargs: Any) -> None:
+    def __init__(self, num_tasks: int, classes_per_task: int | Sequence[int], **kwargs: Any) -> None:
         super().__init__(**kwargs)
         check_positive_int("num_tasks", num_tasks)
-        check_positive_int("classes_per_task", classes_per_task)
+        _task_sizes(classes_per_task, num_tasks)  # checked here, used per batch
         self.num_tasks = num_tasks
         self.classes_per_task = classes_per_task
         for name in ("class_il_correct", "task_il_correct", "total"):

@@ -5,7 +5,7 @@ the :mod:`lightning_taylor.callbacks`, which work on any module that follows the
 (:mod:`lightning_taylor.callbacks.protocol`); this one follows it in the simplest way:
 
 - ``backbone``: a timm ViT whose ``get_classifier()`` is the ``nn.Linear`` head over all classes; task
-  ``t`` owns the head rows ``[t·k, (t+1)·k)``;
+  ``t`` owns the head rows ``task_ranges[t]`` (``[t·k, (t+1)·k)`` for ``k`` classes per task);
 - ``training_step`` trains on the current task's classes only (the other logits are left out of the
   cross-entropy, i.e. masked to −∞);
 - ``validation_step`` / ``test_step`` return ``{"logits": …, "target": …}`` for the continual metrics;
@@ -25,6 +25,7 @@ from torch import Tensor
 
 from lightning_taylor._checks import check_non_negative, check_positive_int, expected
 from lightning_taylor.backbone import create_backbone, input_size
+from lightning_taylor.data.split import check_task_sizes, task_ranges
 
 
 class TaskCosine:
@@ -51,7 +52,10 @@ class IncrementalViT(L.LightningModule):
             file.
         model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``in_chans``, …).
         num_classes: classes of the whole stream (linked to the data module by the CLI).
-        classes_per_task: head rows per task (linked to the data module by the CLI).
+        classes_per_task: head rows per task of a uniform stream (linked to the data module by the CLI);
+            ``None`` with ``task_sizes``.
+        task_sizes: head rows of each task, in task order, for a stream whose tasks differ in size (e.g.
+            ``[20] * 9 + [16]``; linked to the data module's class partition by the CLI); ``None``: uniform.
         epochs_per_task: length of a task, for the per-task cosine schedule (linked to the data module).
         lr: AdamW learning rate of the deltas and the head.
         weight_decay: AdamW weight decay.
@@ -64,7 +68,8 @@ class IncrementalViT(L.LightningModule):
         pretrained: bool | str = "embedded",
         model_kwargs: dict[str, Any] | None = None,
         num_classes: int = 10,
-        classes_per_task: int = 2,
+        classes_per_task: int | None = 2,
+        task_sizes: list[int] | None = None,
         epochs_per_task: int = 5,
         lr: float = 3e-4,
         weight_decay: float = 0.0,
@@ -72,10 +77,16 @@ class IncrementalViT(L.LightningModule):
     ) -> None:
         super().__init__()
         check_positive_int("num_classes", num_classes)
-        check_positive_int("classes_per_task", classes_per_task)
         check_positive_int("epochs_per_task", epochs_per_task)
-        if num_classes % classes_per_task:
-            raise expected("classes_per_task", f"a divisor of num_classes={num_classes}", classes_per_task)
+        if task_sizes is not None:
+            task_sizes = list(check_task_sizes(task_sizes, num_classes))
+            if classes_per_task is not None and set(task_sizes) != {classes_per_task}:
+                raise expected("classes_per_task", f"None or the size of every task of task_sizes={task_sizes}",
+                               classes_per_task)
+        else:
+            check_positive_int("classes_per_task", classes_per_task)
+            if num_classes % classes_per_task:
+                raise expected("classes_per_task", f"a divisor of num_classes={num_classes}", classes_per_task)
         check_non_negative("lr", lr)
         check_non_negative("weight_decay", weight_decay)
         self.save_hyperparameters()
@@ -98,9 +109,17 @@ class IncrementalViT(L.LightningModule):
         """The task being trained, from the attached data module (the single source of task boundaries)."""
         return int(self.trainer.datamodule.current_task)
 
+    @property
+    def task_ranges(self) -> tuple[range, ...]:
+        """The head rows (remapped labels) of each task: the class partition of the stream."""
+        sizes = self.hparams.task_sizes
+        if sizes is None:
+            k = self.hparams.classes_per_task
+            sizes = [k] * (self.hparams.num_classes // k)
+        return task_ranges(sizes)
+
     def task_classes(self, task: int) -> range:
-        k = self.hparams.classes_per_task
-        return range(task * k, (task + 1) * k)
+        return self.task_ranges[task]
 
     def forward(self, x: Tensor) -> Tensor:
         return self.backbone(x)

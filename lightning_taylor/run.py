@@ -40,6 +40,7 @@ from torch import Tensor
 from lightning_taylor._checks import InputError, expected
 from lightning_taylor.backbone import resolve_model
 from lightning_taylor.data import TaskStreamDataModule
+from lightning_taylor.data.split import uniform_size
 from lightning_taylor.deltas import TaskDeltas, load_deltas
 from lightning_taylor.deltas.io import check_model_spec, read_metadata
 from lightning_taylor.editing import uniform
@@ -88,7 +89,13 @@ class Run:
 
     @property
     def classes_per_task(self) -> int:
+        """Head rows per task of a uniform stream (see :attr:`task_ranges` for any stream)."""
         return int(self.model.hparams.classes_per_task)
+
+    @property
+    def task_ranges(self) -> tuple[range, ...]:
+        """The head rows of each task: the stream's class partition."""
+        return self.model.task_ranges
 
     @property
     def label(self) -> str:
@@ -289,8 +296,9 @@ def load_run(
     if not hparams:  # a checkpoint without the module's hyper-parameters: the config's, linked to the data
         stream = datamodule or TaskStreamDataModule(**{k: v for k, v in (data_hparams or {}).items()
                                                        if not k.startswith("_") and k != "download"})
-        hparams = {**(_section(config, "model") or {}), "num_classes": stream.num_classes,
-                   "classes_per_task": stream.classes_per_task}
+        k = uniform_size(stream.task_sizes)
+        hparams = {**(_section(config, "model") or {}), "num_classes": stream.num_classes, "classes_per_task": k,
+                   "task_sizes": None if k else list(stream.task_sizes)}
         hparams.setdefault("epochs_per_task", stream.epochs_per_task)
     try:
         # θ0 is in the checkpoint's state: rebuild the architecture without fetching any weights.
@@ -313,9 +321,10 @@ def load_run(
         _load_deltas_file(model.task_deltas, deltas_file)
     if datamodule is None:
         datamodule = _datamodule(data_hparams, checkpoint_path, data_root, dict(data_overrides or {}), model)
-    if (datamodule.num_classes, datamodule.classes_per_task) != (hparams["num_classes"], hparams["classes_per_task"]):
-        raise expected("data", f"a stream of {hparams['num_classes']} classes in tasks of {hparams['classes_per_task']}",
-                       f"{datamodule.num_classes} classes in tasks of {datamodule.classes_per_task}")
+    if datamodule.task_ranges != model.task_ranges:
+        theirs, ours = [len(r) for r in model.task_ranges], list(datamodule.task_sizes)
+        raise expected("data", f"a stream of {hparams['num_classes']} classes in tasks of {theirs} classes",
+                       f"{datamodule.num_classes} classes in tasks of {ours}")
     model.task_deltas.compose(uniform(model.task_deltas.tasks))
     model.eval().requires_grad_(False)
     info = _info(checkpoint, config, deltas_file or run_dir / "deltas.safetensors")

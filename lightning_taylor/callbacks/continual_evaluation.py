@@ -31,7 +31,7 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 from lightning_taylor._checks import check_positive_int
-from lightning_taylor.callbacks.protocol import current_task, require, stream_value
+from lightning_taylor.callbacks.protocol import current_task, partition, require, stream_value
 from lightning_taylor.console import show
 from lightning_taylor.metrics import AccuracyMatrix, ContinualAccuracy
 
@@ -62,8 +62,8 @@ class ContinualEvaluation(L.Callback):
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         self._num_tasks = require(trainer, pl_module, "num_tasks", self.num_tasks)
-        classes_per_task = require(trainer, pl_module, "classes_per_task", self.classes_per_task)
-        self.metric = ContinualAccuracy(self._num_tasks, classes_per_task)
+        sizes = partition(trainer, pl_module, self._num_tasks, self.classes_per_task)
+        self.metric = ContinualAccuracy(self._num_tasks, list(sizes))
 
     def _seen_tasks(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
         """Tasks evaluated: those seen so far in validation; the whole stream in ``test``."""

@@ -7,7 +7,8 @@ user's own) that holds:
   attribute named by the callback's ``backbone=`` (dotted paths allowed); by default ``pl_module.backbone``,
   else the module's only child that looks like a timm model (it has ``forward_features``).
 - **a head**: one ``nn.Linear`` over all ``C`` classes of the stream, task ``t`` owning the rows
-  ``[t·k, (t+1)·k)``. The attribute named by ``head=``; by default the backbone's own classifier
+  ``[t·k, (t+1)·k)`` (or, for a stream whose tasks differ in size, the rows of its ``task_sizes``). The
+  attribute named by ``head=``; by default the backbone's own classifier
   (``backbone.get_classifier()``, a timm model created with ``num_classes=C``), else ``pl_module.head`` (over a
   backbone created with ``num_classes=0``). Logits are ``backbone(x)`` in the first case, ``head(backbone(x))``
   in the second.
@@ -22,7 +23,9 @@ The stream is read, for each name, from the DataModule (``trainer.datamodule``),
 
 - ``current_task``: the task being trained (one ``fit`` per task: set it before each ``fit``); without it,
   ``trainer.current_epoch // epochs_per_task`` (one ``fit`` over the stream);
-- ``classes_per_task`` (``k``), ``num_tasks`` and ``epochs_per_task``;
+- ``classes_per_task`` (``k``), ``num_tasks`` and ``epochs_per_task``; for a stream whose tasks differ in
+  size (Cars-196: 9 × 20 + 1 × 16), ``task_sizes`` (the classes of each task, in order) instead of
+  ``classes_per_task`` (:func:`task_classes`, :func:`partition`);
 - the data of a task boundary (pre-tuning features, Fisher): ``datamodule.task_dataloader(task, "train",
   batch_size=…)`` when the DataModule has it, else the dataset of the trainer's current training loader, in order.
 
@@ -39,6 +42,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from lightning_taylor._checks import expected
+from lightning_taylor.data.split import task_ranges, uniform_size
 
 
 class Classifier(nn.Module):
@@ -138,6 +142,56 @@ def require(trainer: L.Trainer, pl_module: L.LightningModule, name: str, argumen
                        f"Give it as the callback's `{name}=`, or as an attribute of your DataModule or "
                        "LightningModule.")
     return value
+
+
+def stated_task_sizes(trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[int, ...] | None:
+    """The class partition ``task_sizes`` that the DataModule, else the LightningModule (attribute or
+    hyper-parameter), states; ``None`` if neither does."""
+    for source in (getattr(trainer, "datamodule", None), pl_module):
+        if source is None:
+            continue
+        sizes = getattr(source, "task_sizes", None)
+        if sizes is None and getattr(source, "hparams", None) is not None:
+            sizes = source.hparams.get("task_sizes")
+        if sizes is not None:
+            return tuple(int(n) for n in sizes)
+    return None
+
+
+def uneven_task_sizes(trainer: L.Trainer, pl_module: L.LightningModule,
+                      classes_per_task: int | None = None) -> tuple[int, ...] | None:
+    """The stated partition when its tasks differ in size (then ``classes_per_task`` must not be given),
+    else ``None``: the stream is read through ``classes_per_task`` as before."""
+    sizes = stated_task_sizes(trainer, pl_module)
+    if sizes is None or uniform_size(sizes) is not None:
+        return None
+    if classes_per_task is not None:
+        raise expected("classes_per_task", f"None: the stream's tasks differ in size (task_sizes={list(sizes)})",
+                       classes_per_task)
+    return sizes
+
+
+def task_classes(trainer: L.Trainer, pl_module: L.LightningModule, task: int,
+                 classes_per_task: int | None = None) -> range:
+    """The labels (head rows) of ``task``: ``[t·k, (t+1)·k)``, or its range of an uneven ``task_sizes``."""
+    sizes = uneven_task_sizes(trainer, pl_module, classes_per_task)
+    if sizes is None:
+        k = require(trainer, pl_module, "classes_per_task", classes_per_task)
+        return range(task * k, (task + 1) * k)
+    if not 0 <= task < len(sizes):
+        raise expected("task", f"a task index in 0..{len(sizes) - 1}", task)
+    return task_ranges(sizes)[task]
+
+
+def partition(trainer: L.Trainer, pl_module: L.LightningModule, num_tasks: int,
+              classes_per_task: int | None = None) -> tuple[int, ...]:
+    """Classes of each of the ``num_tasks`` tasks: the uneven ``task_sizes``, else ``(k,) * num_tasks``."""
+    sizes = uneven_task_sizes(trainer, pl_module, classes_per_task)
+    if sizes is None:
+        return (require(trainer, pl_module, "classes_per_task", classes_per_task),) * num_tasks
+    if len(sizes) != num_tasks:
+        raise expected("num_tasks", f"{len(sizes)}, the tasks of task_sizes={list(sizes)}", num_tasks)
+    return sizes
 
 
 def current_task(trainer: L.Trainer, pl_module: L.LightningModule, epochs_per_task: int | None = None) -> int:

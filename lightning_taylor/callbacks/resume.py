@@ -5,7 +5,8 @@ order) would silently redefine the tasks and give a wrong accuracy matrix; anoth
 would mix two methods in one run. So the callback's checkpoint state holds a *record*:
 
 - the stream: ``dataset``, ``num_classes``, ``class_names``, ``class_order``, ``num_tasks``,
-  ``classes_per_task``, ``epochs_per_task`` (each as far as the DataModule / LightningModule state it);
+  ``classes_per_task`` (``task_sizes`` instead when the tasks differ in size), ``epochs_per_task`` (each as
+  far as the DataModule / LightningModule state it);
 - the method: ``algorithm``, ``strength``, ``style``, ``rank``, ``qkv_rank_factor``, ``targets``,
   ``fisher_estimator`` (with its ``fisher_samples`` / ``fisher_top_k`` where they matter), ``penalty_mode``.
 
@@ -25,7 +26,7 @@ import lightning as L
 from torch import Tensor, nn
 
 from lightning_taylor._checks import expected
-from lightning_taylor.callbacks.protocol import stream_value
+from lightning_taylor.callbacks.protocol import stream_value, uneven_task_sizes
 
 STREAM_FIELDS = ("dataset", "num_classes", "class_names", "class_order", "num_tasks", "classes_per_task",
                  "epochs_per_task")
@@ -46,7 +47,12 @@ def stream_record(trainer: L.Trainer, pl_module: L.LightningModule,
     """The stream as the DataModule / LightningModule / callback arguments state it (unknown fields left out)."""
     record: dict[str, Any] = {}
     datamodule = getattr(trainer, "datamodule", None)
+    uneven = uneven_task_sizes(trainer, pl_module, arguments.get("classes_per_task"))
+    if uneven is not None:  # tasks that differ in size: the partition stands where classes_per_task would
+        record["task_sizes"] = list(uneven)
     for name in STREAM_FIELDS:
+        if name == "classes_per_task" and uneven is not None:
+            continue
         if name in ("num_tasks", "classes_per_task", "epochs_per_task"):
             value = stream_value(trainer, pl_module, name, arguments.get(name))
         else:

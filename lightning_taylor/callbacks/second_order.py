@@ -56,10 +56,10 @@ from lightning_taylor.callbacks.protocol import (
     Classifier,
     check_launcher,
     current_task,
-    require,
     resolve_classifier,
     task_loader,
 )
+from lightning_taylor.callbacks.protocol import task_classes as stream_task_classes
 from lightning_taylor.callbacks.resume import check_delta_layout, check_record, stream_record
 from lightning_taylor.console import show
 from lightning_taylor.deltas import DeltaStyle, TaskDeltas, save_deltas
@@ -250,8 +250,9 @@ class SecondOrder(L.Callback):
     def _deltas(pl_module: L.LightningModule) -> TaskDeltas:
         return pl_module.task_deltas
 
-    def _classes_per_task(self, trainer: L.Trainer, pl_module: L.LightningModule) -> int:
-        return require(trainer, pl_module, "classes_per_task", self.classes_per_task)
+    def _task_classes(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> range:
+        """The head rows of ``task`` (:func:`~lightning_taylor.callbacks.protocol.task_classes`)."""
+        return stream_task_classes(trainer, pl_module, task, self.classes_per_task)
 
     # -- composition ----------------------------------------------------------------------------------
     def training_composition(self, task: int) -> dict[int, float]:
@@ -282,8 +283,7 @@ class SecondOrder(L.Callback):
     def begin_task(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
         """docs/method.md §5: bank, pre-tune, Fisher of backbone and head at θ0, fresh optimiser state."""
         deltas, model = self._deltas(pl_module), self.model(pl_module)
-        k = self._classes_per_task(trainer, pl_module)
-        task_classes = range(task * k, (task + 1) * k)
+        task_classes = self._task_classes(trainer, pl_module, task)
         show(trainer, f"[{self.algorithm.upper()}] task {task}: classes {task_classes.start}..{task_classes.stop - 1}")
         deltas.begin_task(task)
         loader = task_loader(trainer, task, self.fisher_batch_size)
@@ -308,7 +308,7 @@ class SecondOrder(L.Callback):
 
         fisher = self._backbone_fisher(trainer, pl_module, task, task_classes.stop, loader)
         check_finite(fisher.sums, f"the backbone Fisher of {label}")
-        head_curvature = self._head_fisher(head, task, k)
+        head_curvature = self._head_fisher(head, task, task_classes)
         check_finite(head_curvature, f"the head Fisher of {label}")
         self.accumulator.set_task(task, fisher)
         self._curvature = None
@@ -348,12 +348,13 @@ class SecondOrder(L.Callback):
         show(trainer, f"[{self.algorithm.upper()}] Fisher ({fisher.estimator}) over {fisher.count} examples")
         return fisher
 
-    def _head_fisher_classes(self, task: int, classes_per_task: int) -> range:
-        """Classes whose synthetic features give the head's Fisher: tasks ≤ t (ITA), < t (IEL)."""
+    def _head_fisher_classes(self, task_classes: range) -> range:
+        """Classes whose synthetic features give the head's Fisher, given the current task's classes:
+        tasks ≤ t (ITA), < t (IEL)."""
         raise NotImplementedError
 
-    def _head_fisher(self, head: nn.Linear, task: int, classes_per_task: int) -> dict[str, Tensor]:
-        classes = self._head_fisher_classes(task, classes_per_task)
+    def _head_fisher(self, head: nn.Linear, task: int, task_classes: range) -> dict[str, Tensor]:
+        classes = self._head_fisher_classes(task_classes)
         weight_sum = torch.zeros_like(head.weight)
         bias_sum = torch.zeros_like(head.bias)
         count = 0
@@ -400,8 +401,8 @@ class SecondOrder(L.Callback):
     def _head_penalty(self, trainer: L.Trainer, pl_module: L.LightningModule, head: nn.Linear
                       ) -> tuple[Tensor, dict[str, Tensor]]:
         """``λ_F Σ F_head (h_t − h̃_t)² + λ_2 ‖h_t − h̃_t‖²`` on task t's rows, and its gradient."""
-        k = self._classes_per_task(trainer, pl_module)
-        rows = slice(self.task * k, (self.task + 1) * k)
+        classes = self._task_classes(trainer, pl_module, self.task)
+        rows = slice(classes.start, classes.stop)
         device, dtype = head.weight.device, head.weight.dtype
         target = {n: v[rows].to(device, dtype) for n, v in self.pretuned_head.items()}
         fisher = {n: v[rows].to(device, dtype) for n, v in self.head_curvature.items()}
@@ -500,8 +501,8 @@ class ITA(SecondOrder):
     def training_composition(self, task: int) -> dict[int, float]:
         return {task: 1.0}
 
-    def _head_fisher_classes(self, task: int, classes_per_task: int) -> range:
-        return range((task + 1) * classes_per_task)
+    def _head_fisher_classes(self, task_classes: range) -> range:
+        return range(task_classes.stop)
 
 
 class IEL(SecondOrder):
@@ -520,5 +521,5 @@ class IEL(SecondOrder):
     def training_composition(self, task: int) -> dict[int, float]:
         return dict(uniform(range(task + 1)).weights)
 
-    def _head_fisher_classes(self, task: int, classes_per_task: int) -> range:
-        return range(task * classes_per_task)
+    def _head_fisher_classes(self, task_classes: range) -> range:
+        return range(task_classes.start)

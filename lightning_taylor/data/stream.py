@@ -29,25 +29,31 @@ from lightning_taylor.data.datasets import (
     load_digits_splits,
     load_imagefolder_splits,
 )
+from lightning_taylor.data.benchmarks import BENCHMARKS, FileList, SplitChoice
 from lightning_taylor.data.input_size import model_input_size, resolve_input
 from lightning_taylor.data.samplers import StreamSampler
 from lightning_taylor.seeding import mix, run_seed
 from lightning_taylor.data.split import ClassIncrementalSplit, class_order
-from lightning_taylor.data.transforms import Transform, digits_transforms, image_transforms
+from lightning_taylor.data.transforms import Transform, digits_transforms, image_transforms, recipe_transforms
 from lightning_taylor.data.views import TransformedSubset
 
 log = logging.getLogger(__name__)
 _info = rank_zero_only(log.info)
 
 Split = Literal["train", "test"]
+DatasetName = Literal["digits", "cifar100", "imagefolder", "imagenet_r", "cub200", "cars196", "eurosat", "isic",
+                      "resisc45", "cropdisease"]
+ALL_DATASETS: tuple[str, ...] = (*DATASETS, *BENCHMARKS)
 
 
 class TaskStreamDataModule(L.LightningDataModule):
-    """A class-incremental task stream over digits, CIFAR-100 or an image folder.
+    """A class-incremental task stream over digits, CIFAR-100, an image folder or a benchmark of the paper.
 
     The ``C`` classes are put in a fixed order (:func:`class_order`) and labels are **remapped** to
-    positions in that order, so task ``t`` owns the contiguous labels ``[t·k, (t+1)·k)``, ``k = C / T``.
-    Every batch is ``(x, y)`` with the remapped ``y``; the task of a label is ``y // k``.
+    positions in that order; the **class partition** (:attr:`task_sizes`, :attr:`task_ranges`) gives each task
+    a contiguous range of remapped labels. Usually it is uniform: task ``t`` owns ``[t·k, (t+1)·k)``,
+    ``k = C / T`` (:attr:`classes_per_task`); a benchmark may be uneven (``cars196``: 9 × 20 + 1 × 16).
+    Every batch is ``(x, y)`` with the remapped ``y``; the task of a label is :meth:`task_of_label`.
 
     Loaders:
 
@@ -93,8 +99,17 @@ class TaskStreamDataModule(L.LightningDataModule):
       that cannot be decoded named in the error; classes numbered in sorted folder-name order; ``train``
       and ``test`` must have the same class folders). ``num_tasks`` must be given.
 
+    - the benchmarks of the paper, ``imagenet_r``, ``cub200``, ``cars196``, ``eurosat``, ``isic``, ``resisc45``,
+      ``cropdisease`` (:mod:`lightning_taylor.data.benchmarks`, one module each with its layout): read from
+      ``root`` as their authors distribute them, with the reference framework's class order (``0..C-1``), task
+      partition, transforms and normalisation, and its split: official, or its split files when they are
+      next to the data, else a seeded stratified split (``split``, ``test_fraction``, ``split_seed``). The
+      split used is written to the hyper-parameters (``split``) in :meth:`setup`. Only ``eurosat`` can be
+      downloaded (torchvision); a missing file is an error naming it and where to get the data.
+
     CIFAR-100 and image folders are served at ``image_size`` with random resized crops (80–100 %)
-    and horizontal flips for training, resize + centre crop for testing.
+    and horizontal flips for training, resize + centre crop for testing; the benchmarks with the
+    reference's own transforms (:class:`~lightning_taylor.data.transforms.Recipe`).
 
     **Input size.** The images are served with the channels and side length the attached model takes
     (:func:`~lightning_taylor.data.input_size.model_input_size`: ``IncrementalViT.input_size``, a module's
@@ -107,22 +122,30 @@ class TaskStreamDataModule(L.LightningDataModule):
     Args:
         dataset: which data set to stream.
         root: data directory (``cifar100``: where ``cifar-100-python/`` is or goes; ``imagefolder``: the
-            directory holding ``train/`` and ``test/``). Unused by ``digits``.
+            directory holding ``train/`` and ``test/``; a benchmark: the directory its layout starts from).
+            Unused by ``digits``. Read in :meth:`setup`, not when the module is built.
         num_tasks: number of tasks; must divide the number of classes. ``None``: the data set's default
-            (digits 5, CIFAR-100 10; required for image folders).
+            (digits 5, CIFAR-100 10, a benchmark its reference partition; required for image folders).
+            For a benchmark, its reference task count keeps its reference partition (uneven for ``cars196``).
         epochs_per_task: training epochs of each task in a one-``fit`` stream.
-        class_order_seed: seed of the class permutation; ``None`` keeps the natural order ``0..C-1``.
+        class_order_seed: seed of the class permutation; ``None`` keeps the natural order ``0..C-1``;
+            ``"default"``: the data set's (0 for digits, CIFAR-100 and image folders; ``None`` for the
+            benchmarks, the reference's order). The value used is written to the hyper-parameters.
         batch_size: training batch size (per process).
         eval_batch_size: batch size of the validation, test and :meth:`task_dataloader` loaders.
         num_workers: DataLoader worker processes.
         image_size: side of the served images; ``None``: the model's (see *Input size*), else 28 for digits and
             224 otherwise.
         in_chans: channels of the served images (1 grey, 3 RGB); ``None``: the model's, else the data set's.
-        mean: normalisation mean, one value for all channels or one per served channel.
-        std: normalisation standard deviation (> 0), one value or one per channel.
-        download: allow torchvision to download CIFAR-100 into ``root``.
-        test_fraction: digits only: fraction of every class held out for testing, in (0, 1).
-        split_seed: digits only: seed of the stratified train/test split.
+        mean: normalisation mean, one value for all channels or one per served channel; ``None``: the
+            data set's (a benchmark's reference statistics, else 0.5).
+        std: normalisation standard deviation (> 0), one value or one per channel; ``None`` as ``mean``.
+        download: allow torchvision to download CIFAR-100 or EuroSAT into ``root``.
+        split: a benchmark's train / test split: ``"reference"`` (official, or the reference's split files,
+            an error if they are missing), ``"seeded"`` (stratified by ``test_fraction`` and ``split_seed``) or
+            ``"auto"`` (the reference split when its files are there, else seeded).
+        test_fraction: digits and seeded benchmark splits: fraction of every class held out for testing, in (0, 1).
+        split_seed: digits and seeded benchmark splits: seed of the stratified train/test split.
         augment: augment the training loader (random affine for digits; crop and flip otherwise).
         pin_memory: pin the loaders' batches in page-locked memory (faster host-to-GPU copies).
         seed: seed of the training order and augmentations; ``None`` follows ``seed_everything`` (the
@@ -131,19 +154,20 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        dataset: Literal["digits", "cifar100", "imagefolder"] = "digits",
+        dataset: DatasetName = "digits",
         root: str | None = None,
         num_tasks: int | None = None,
         epochs_per_task: int = 5,
-        class_order_seed: int | None = 0,
+        class_order_seed: int | Literal["default"] | None = "default",
         batch_size: int = 32,
         eval_batch_size: int = 128,
         num_workers: int = 0,
         image_size: int | None = None,
         in_chans: Literal[1, 3] | None = None,
-        mean: float | Sequence[float] = 0.5,
-        std: float | Sequence[float] = 0.5,
+        mean: float | Sequence[float] | None = None,
+        std: float | Sequence[float] | None = None,
         download: bool = False,
+        split: SplitChoice = "auto",
         test_fraction: float = 0.2,
         split_seed: int = 0,
         augment: bool = True,
@@ -151,12 +175,20 @@ class TaskStreamDataModule(L.LightningDataModule):
         seed: int | None = None,
     ) -> None:
         super().__init__()
-        check_choice("dataset", dataset, DATASETS)
+        check_choice("dataset", dataset, ALL_DATASETS)
+        check_choice("split", split, ("auto", "reference", "seeded"))
+        benchmark = BENCHMARKS.get(dataset)
         if root is not None and not isinstance(root, (str, os.PathLike)):
             raise expected("root", "a directory path or None", root)
         if dataset == "cifar100" and root is None:
             raise expected("root", "a data directory for dataset 'cifar100'", root,
                            "CIFAR-100 is read from `<root>/cifar-100-python/`; add `download: true` to fetch it.")
+        if benchmark is not None and root is None:
+            raise expected("root", f"a data directory for dataset '{dataset}'", root,
+                           f"It is read as `{benchmark.layout}`. {benchmark.source}")
+        if benchmark is not None and download and benchmark.download is None:
+            raise expected("download", f"false for dataset '{dataset}' (torchvision cannot fetch {benchmark.title})",
+                           download, benchmark.source)
         for name, value in (("epochs_per_task", epochs_per_task), ("batch_size", batch_size),
                             ("eval_batch_size", eval_batch_size)):
             check_positive_int(name, value)
@@ -165,7 +197,9 @@ class TaskStreamDataModule(L.LightningDataModule):
             check_positive_int("image_size", image_size)
         if in_chans is not None:
             check_choice("in_chans", in_chans, (1, 3))
-        if class_order_seed is not None:
+        if class_order_seed == "default":
+            class_order_seed = None if benchmark is not None else 0
+        elif class_order_seed is not None:
             check_non_negative_int("class_order_seed", class_order_seed)
         check_non_negative_int("split_seed", split_seed)
         if seed is not None:
@@ -179,7 +213,12 @@ class TaskStreamDataModule(L.LightningDataModule):
         root = None if root is None else os.fspath(root)  # a plain str in the saved hyperparameters too
         self.dataset = dataset
         self.root = root
-        self.info: DatasetInfo = dataset_info(dataset, root)  # lists the folders of an image folder
+        self.benchmark = benchmark
+        if benchmark is not None:  # known without reading root: configs build without the data present
+            names = benchmark.class_names or tuple(f"class {i}" for i in range(benchmark.num_classes))
+            self.info = DatasetInfo(names, in_chans=3, image_size=224, num_tasks=len(benchmark.task_sizes))
+        else:
+            self.info = dataset_info(dataset, root)  # lists the folders of an image folder
         if num_tasks is None:
             if self.info.num_tasks is None:
                 raise expected("num_tasks", f"an int >= 1 that divides the {len(self.info.class_names)} classes "
@@ -187,7 +226,9 @@ class TaskStreamDataModule(L.LightningDataModule):
             num_tasks = self.info.num_tasks
         self.class_order_seed = class_order_seed
         num_classes = len(self.info.class_names)
-        self.class_split = ClassIncrementalSplit(num_classes, num_tasks, class_order(num_classes, class_order_seed))
+        reference = benchmark is not None and num_tasks == len(benchmark.task_sizes)
+        self.class_split = ClassIncrementalSplit(num_classes, num_tasks, class_order(num_classes, class_order_seed),
+                                                 task_sizes=benchmark.task_sizes if reference else None)
         self.num_tasks = num_tasks
         self.epochs_per_task = epochs_per_task
         self.batch_size = batch_size
@@ -197,12 +238,16 @@ class TaskStreamDataModule(L.LightningDataModule):
         self._mean_setting, self._std_setting = mean, std
         self._serve(*resolve_input(in_chans, image_size, (self.info.in_chans, self.info.image_size), None))
         self.download = download
+        self.split = split
         self.test_fraction = float(test_fraction)
         self.split_seed = split_seed
         self.augment = augment
         self.pin_memory = pin_memory
         self.seed = seed
-        self.save_hyperparameters()  # plain values only, so checkpoints keep loading with weights_only=True
+        # Plain values only, so checkpoints keep loading with weights_only=True; the arguments' values as resolved
+        # above (class_order_seed: the order used, not "default").
+        self.save_hyperparameters()
+        self.split_source: str | None = None  # which files (or seed) the split came from, known in setup
 
         self._task: int | None = None  # explicit task from set_task; None follows the trainer's epoch
         self._checkpoint_task: int | None = None  # the task a loaded checkpoint was saved in
@@ -218,6 +263,17 @@ class TaskStreamDataModule(L.LightningDataModule):
         self.mean = self._per_channel("mean", self._mean_setting, positive=False)
         self.std = self._per_channel("std", self._std_setting, positive=True)
 
+    def _default_stats(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The data set's normalisation for the served channels: a benchmark's reference RGB statistics
+        (for grey images, their luminance-weighted average, the grey level's mean up to correlations), else 0.5."""
+        if self.benchmark is None:
+            return (0.5,), (0.5,)
+        mean, std = self.benchmark.mean, self.benchmark.std
+        if self._in_chans == 3:
+            return mean, std
+        weights = (0.299, 0.587, 0.114)  # ToChannels' luminance
+        return (sum(w * m for w, m in zip(weights, mean)),), (sum(w * s for w, s in zip(weights, std)),)
+
     def follow_model(self, module: Any) -> None:
         """Serve the channels and size that ``module`` takes (see *Input size*); :meth:`setup` calls this with
         the Trainer's LightningModule. Settings given explicitly must agree with it."""
@@ -231,6 +287,8 @@ class TaskStreamDataModule(L.LightningDataModule):
     def _per_channel(self, name: str, value: float | Sequence[float], positive: bool) -> tuple[float, ...]:
         """``value`` as one float per served channel (a single value is broadcast)."""
         in_chans = self._in_chans
+        if value is None:
+            value = self._default_stats()[0 if name == "mean" else 1]
         values = [value] if isinstance(value, (int, float)) and not isinstance(value, bool) else value
         try:
             values = [v for v in values]
@@ -254,8 +312,19 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     @property
     def classes_per_task(self) -> int:
-        """Classes per task ``k = C / T``."""
+        """Classes per task ``k = C / T`` of a uniform partition; an error for an uneven one (read
+        :attr:`task_sizes` there)."""
         return self.class_split.classes_per_task
+
+    @property
+    def task_sizes(self) -> tuple[int, ...]:
+        """Classes of each task, in task order: the class partition (``(k,) * T`` when uniform)."""
+        return self.class_split.task_sizes
+
+    @property
+    def task_ranges(self) -> tuple[range, ...]:
+        """Remapped labels of each task, in task order (contiguous ranges covering ``0..C-1``)."""
+        return self.class_split.task_ranges
 
     @property
     def class_order(self) -> tuple[int, ...]:
@@ -264,13 +333,16 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     @property
     def original_class_names(self) -> tuple[str, ...]:
-        """Class names in the data set's own label order."""
+        """Class names in the data set's own label order (read from the data for ``cub200`` and
+        ``cars196``, whose metadata names them: this loads the index)."""
+        if self.benchmark is not None and self.benchmark.class_names is None:
+            self.setup()
         return self.info.class_names
 
     @property
     def class_names(self) -> tuple[str, ...]:
         """Class names in remapped order: ``class_names[y]`` names remapped label ``y``."""
-        return tuple(self.info.class_names[c] for c in self.class_split.order)
+        return tuple(self.original_class_names[c] for c in self.class_split.order)
 
     @property
     def in_chans(self) -> int:
@@ -284,11 +356,11 @@ class TaskStreamDataModule(L.LightningDataModule):
         return self.num_tasks * self.epochs_per_task
 
     def task_classes(self, task: int) -> range:
-        """Remapped labels owned by ``task``: ``range(task·k, (task+1)·k)``."""
+        """Remapped labels owned by ``task`` (``range(task·k, (task+1)·k)`` when uniform)."""
         return self.class_split.task_classes(task)
 
     def task_of_label(self, label: int | Tensor) -> int | Tensor:
-        """Task owning remapped ``label`` (``label // k``), elementwise for tensors."""
+        """Task owning remapped ``label`` (``label // k`` when uniform), elementwise for tensors."""
         return self.class_split.task_of_label(label)
 
     # ---------------------------------------------------------------------------------- task schedule
@@ -346,9 +418,11 @@ class TaskStreamDataModule(L.LightningDataModule):
     # ---------------------------------------------------------------------------------------- loading
 
     def prepare_data(self) -> None:
-        """Download CIFAR-100 when asked to (Lightning calls this on one process per node)."""
+        """Download CIFAR-100 or EuroSAT when asked to (Lightning calls this on one process per node)."""
         if self.dataset == "cifar100" and self.download:
             download_cifar100(self.root)
+        elif self.benchmark is not None and self.download:
+            self.benchmark.download(self.root)
 
     def setup(self, stage: str | None = None) -> None:
         """Follow the attached model's input (:meth:`follow_model`), load the raw splits once and remap their
@@ -363,17 +437,38 @@ class TaskStreamDataModule(L.LightningDataModule):
             raw = load_digits_splits(self.image_size, self.test_fraction, self.split_seed)
         elif self.dataset == "cifar100":
             raw = load_cifar100_splits(self.root, download=self.download)
+        elif self.benchmark is not None:
+            raw = self._load_benchmark()
         else:
             raw = load_imagefolder_splits(self.root)
         self._train_labels = self.class_split.remap(raw.train_targets)
         self._test_labels = self.class_split.remap(raw.test_targets)
         self._raw, self._raw_size = raw, self.image_size
         _info(f"{self.dataset}: {len(raw.train_targets)} training and {len(raw.test_targets)} test images, "
-              f"{self.num_tasks} tasks x {self.classes_per_task} classes, class order {list(self.class_order)}")
+              f"{self.num_tasks} tasks of {_partition(self.task_sizes)} classes, class order {list(self.class_order)}"
+              + (f", split: {self.split_source}" if self.split_source else ""))
+
+    def _load_benchmark(self) -> RawSplits:
+        """Index the benchmark's files (no image decoded) and record which split this run uses."""
+        benchmark = self.benchmark
+        if benchmark.download is not None and not self.download and not os.path.isdir(self.root or ""):
+            raise benchmark.missing(self.root, f"`{self.root}` does not exist.", "Pass `download: true` to fetch it.")
+        index = benchmark.index(self.root, self.split, self.test_fraction, self.split_seed)
+        if len(index.class_names) != self.num_classes:
+            raise benchmark.missing(self.root, f"Its metadata names {len(index.class_names)} classes, not "
+                                    f"{self.num_classes}.")
+        self.info = DatasetInfo(index.class_names, self.info.in_chans, self.info.image_size, self.info.num_tasks)
+        # The split used, not "auto": in the hyper-parameters that Lightning logs (after setup) and checkpoints.
+        self.save_hyperparameters({**self.hparams, "split": index.split})
+        self.split_source = index.split_source
+        return RawSplits(FileList(index.train_paths, index.train_targets),
+                         FileList(index.test_paths, index.test_targets), index.train_targets, index.test_targets)
 
     def _transforms(self) -> tuple[Transform, Transform]:
         if self.dataset == "digits":
             return digits_transforms(self.mean, self.std, self._in_chans)
+        if self.benchmark is not None:
+            return recipe_transforms(self.benchmark.recipe, self.image_size, self.mean, self.std, self._in_chans)
         return image_transforms(self.image_size, self.mean, self.std, self._in_chans)
 
     def tasks_dataset(self, tasks: Sequence[int], split: Split = "train", augment: bool = False) -> Dataset:
@@ -453,5 +548,16 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}(dataset={self.dataset!r}, num_tasks={self.num_tasks}, "
-                f"classes_per_task={self.classes_per_task}, epochs_per_task={self.epochs_per_task}, "
+                f"task_sizes={_partition(self.task_sizes)}, epochs_per_task={self.epochs_per_task}, "
                 f"current_task={self.current_task})")
+
+
+def _partition(task_sizes: Sequence[int]) -> str:
+    """``"10 x 20"``, or ``"9 x 20 + 1 x 16"`` for an uneven partition."""
+    runs: list[list[int]] = []
+    for size in task_sizes:
+        if runs and runs[-1][1] == size:
+            runs[-1][0] += 1
+        else:
+            runs.append([1, size])
+    return " + ".join(f"{count} x {size}" for count, size in runs)

@@ -8,7 +8,8 @@ for the ImageNet-21k ViT.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 from PIL import Image
@@ -82,4 +83,56 @@ def image_transforms(image_size: int, mean: Sequence[float], std: Sequence[float
         *to_tensor,
     ])
     test = v2.Compose([channels, v2.Resize(image_size, antialias=True), v2.CenterCrop(image_size), *to_tensor])
+    return train, test
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A benchmark's training and test transforms as its reference framework states them, at 224 px.
+
+    Sizes are given for 224-pixel images and scaled by ``image_size / 224`` when the model takes another
+    size, so the crops keep the reference's proportions. An int size resizes the short side (aspect ratio
+    kept), a pair resizes to that ``(height, width)``. Interpolation is bicubic, as in the reference.
+
+    Attributes:
+        train: ``"random_resized_crop"`` (area ``crop_scale``, then flip), ``"resize_random_crop"`` (resize
+            to ``train_resize``, random crop, flip) or ``"resize_center_crop"`` (resize to ``train_resize``,
+            centre crop, flip).
+        train_resize: the resize before the crop of the last two kinds.
+        crop_scale: the area range of the random resized crop.
+        test_resize: the resize before the test-time centre crop.
+    """
+
+    train: Literal["random_resized_crop", "resize_random_crop", "resize_center_crop"]
+    train_resize: int | tuple[int, int] = 224
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    test_resize: int | tuple[int, int] = 224
+
+
+def _scaled(size: int | tuple[int, int], image_size: int) -> int | list[int]:
+    if isinstance(size, int):
+        return round(size * image_size / 224)
+    return [round(s * image_size / 224) for s in size]
+
+
+def recipe_transforms(recipe: Recipe, image_size: int, mean: Sequence[float], std: Sequence[float],
+                      in_chans: int = 3) -> tuple[Transform, Transform]:
+    """``(train, test)`` transforms of a benchmark's :class:`Recipe` at ``image_size``, to ``in_chans`` channels.
+
+    Test: resize to ``test_resize`` and centre-crop a square of ``image_size``; training as ``recipe.train``
+    says, always with a horizontal flip. Both end in ``Normalize(mean, std)`` and a plain tensor.
+    """
+    bicubic = v2.InterpolationMode.BICUBIC
+    to_tensor = [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(mean), list(std)),
+                 v2.ToPureTensor()]
+    channels = ToChannels(in_chans)
+    if recipe.train == "random_resized_crop":
+        crop = [v2.RandomResizedCrop(image_size, scale=recipe.crop_scale, interpolation=bicubic, antialias=True)]
+    else:
+        resize = v2.Resize(_scaled(recipe.train_resize, image_size), interpolation=bicubic, antialias=True)
+        cropper = v2.RandomCrop if recipe.train == "resize_random_crop" else v2.CenterCrop
+        crop = [resize, cropper(image_size)]
+    train = v2.Compose([channels, *crop, v2.RandomHorizontalFlip(), *to_tensor])
+    test = v2.Compose([channels, v2.Resize(_scaled(recipe.test_resize, image_size), interpolation=bicubic,
+                                           antialias=True), v2.CenterCrop(image_size), *to_tensor])
     return train, test
