@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lightning_taylor._checks import check_choice, check_non_negative, check_non_negative_int
 from lightning_taylor.deltas import TaskDeltas
+from lightning_taylor.precision import full_precision
 
 Algorithm = Literal["ita", "iel"]
 
@@ -102,14 +103,16 @@ def delta_penalty(
 
     Returns:
         The penalty value (a detached scalar) and its gradient w.r.t. each slot tensor, keyed like
-        ``deltas.named_parameters()``.
+        ``deltas.named_parameters()``. Both are computed in the slot's dtype (float32 under mixed precision:
+        the slot's master weights) with autocast off, whatever surrounds the call
+        (:mod:`lightning_taylor.precision`).
     """
     check_choice("algorithm", algorithm, ("ita", "iel"))
     check_non_negative("strength", float(strength))
     task = deltas.current_task
     values: list[Tensor] = []
     grads: dict[str, Tensor] = {}
-    with torch.no_grad():
+    with torch.no_grad(), full_precision():
         for name, layer, linear in deltas.layers():
             fisher = curvature[f"{name}.weight"]
             tau = layer.slot_delta(linear.weight)
