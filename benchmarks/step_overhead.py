@@ -19,8 +19,10 @@ built from the same seed. The optimiser steps of task 1 are timed (``on_train_ba
 
 Each round runs every variant once, in an order rotated from round to round (so a load change on a shared
 machine hits all variants alike); the printed ratio is median(variant steps) / median(lora steps) over all
-rounds, with the range of the per-round ratios as its spread. ``--profile`` adds, per variant, the time
-spent in the callback's hooks and in the delta hooks of the forward (a ``torch.profiler`` table).
+rounds, with the range of the per-round ratios as its spread. The time spent in the callback's per-step hooks
+(``on_before_backward`` and ``on_before_optimizer_step``: penalty, head penalty, guard, decoupled step) is
+timed inside the steps too, as a fraction of the step: the robust part of the overhead (the rest is the
+forward and backward of the composition). ``--profile`` first prints a ``torch.profiler`` table per variant.
 
 Models: ``embedded`` is the shipped tiny ViT (6 blocks, width 96, 28 px grey, 50 tokens); ``vit_b16`` is
 ``vit_base_patch16_224`` with random weights (width 768, MLP 3072, 224 px, 197 tokens), ``--depth`` of its
@@ -30,6 +32,8 @@ Models: ``embedded`` is the shipped tiny ViT (6 blocks, width 96, 28 px grey, 50
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import os
 import statistics
 import sys
@@ -82,19 +86,33 @@ class RandomStream(L.LightningDataModule):
 
 
 class StepTimer(L.Callback):
-    """Wall time of every optimiser step of task 1 after ``warmup`` steps of each epoch."""
+    """Wall time of every optimiser step of task 1 after ``warmup`` steps of each epoch, and the part of it
+    spent in the method's per-step hooks (the growth of ``hook_bucket`` during the step)."""
 
-    def __init__(self, first_epoch: int, warmup: int) -> None:
-        self.first_epoch, self.warmup = first_epoch, warmup
+    def __init__(self, first_epoch: int, warmup: int, hook_bucket: list[float]) -> None:
+        self.first_epoch, self.warmup, self.bucket = first_epoch, warmup, hook_bucket
         self.times: list[float] = []
-        self._start = 0.0
+        self.hook_times: list[float] = []
+        self._start, self._hooks_before = 0.0, 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
+        self._hooks_before = sum(self.bucket)
         self._start = time.perf_counter()
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
         if trainer.current_epoch >= self.first_epoch and batch_idx >= self.warmup:
             self.times.append(time.perf_counter() - self._start)
+            self.hook_times.append(sum(self.bucket) - self._hooks_before)
+
+
+def timed(function, bucket: list[float]):  # noqa: ANN001, ANN201
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        start = time.perf_counter()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            bucket.append(time.perf_counter() - start)
+    return wrapper
 
 
 def make_callback(variant: str, save_dir: str, rank: int) -> L.Callback:
@@ -119,26 +137,31 @@ def make_module(args: argparse.Namespace) -> IncrementalViT:
     return IncrementalViT("vit_base_patch16_224", pretrained=False, model_kwargs={"depth": args.depth}, **kwargs)
 
 
-def one_fit(variant: str, args: argparse.Namespace, save_dir: str, profile: bool = False) -> list[float]:
-    """Tasks 0 and 1 with ``variant``; the step times of task 1."""
+def one_fit(variant: str, args: argparse.Namespace, save_dir: str, profile: bool = False
+            ) -> tuple[list[float], list[float]]:
+    """Tasks 0 and 1 with ``variant``; the step times of task 1 and the time of its per-step hooks in them."""
     L.seed_everything(0, verbose=False)
     module = make_module(args)
     data = RandomStream(module.input_size, args.classes_per_task, args.batch_size * args.steps, args.batch_size,
                         args.epochs)
-    timer = StepTimer(args.epochs, args.warmup)
+    callback, bucket = make_callback(variant, save_dir, args.rank), []
+    callback.on_before_backward = timed(callback.on_before_backward, bucket)
+    callback.on_before_optimizer_step = timed(callback.on_before_optimizer_step, bucket)
+    timer = StepTimer(args.epochs, args.warmup, bucket)
     trainer = L.Trainer(max_epochs=2 * args.epochs, reload_dataloaders_every_n_epochs=1, limit_val_batches=0,
                         num_sanity_val_steps=0, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[make_callback(variant, save_dir, args.rank), timer])
-    if not profile:
-        trainer.fit(module, data)
-        return timer.times
-    from torch.profiler import profile as torch_profile
+                        enable_model_summary=False, callbacks=[callback, timer])
+    with contextlib.redirect_stdout(io.StringIO()):  # the fit's own messages
+        if not profile:
+            trainer.fit(module, data)
+            return timer.times, timer.hook_times
+        from torch.profiler import profile as torch_profile
 
-    with torch_profile() as prof:
-        trainer.fit(module, data)
+        with torch_profile() as prof:
+            trainer.fit(module, data)
     print(f"\n--- profile of `{variant}` (whole fit, task boundaries included) ---")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15))
-    return timer.times
+    return timer.times, timer.hook_times
 
 
 def main() -> None:
@@ -159,6 +182,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     variants = ["lora"] + [v for v in args.variants if v != "lora"]
     times: dict[str, list[float]] = {v: [] for v in variants}
+    hooks: dict[str, list[float]] = {v: [] for v in variants}
     per_round: dict[str, list[float]] = {v: [] for v in variants}
     with tempfile.TemporaryDirectory() as save_dir:  # the fits' saved deltas are not wanted
         if args.profile:
@@ -167,17 +191,22 @@ def main() -> None:
         for round_ in range(args.rounds):
             order = variants[round_ % len(variants):] + variants[: round_ % len(variants)]
             for variant in order:
-                steps = one_fit(variant, args, save_dir)
+                steps, in_hooks = one_fit(variant, args, save_dir)
                 times[variant] += steps
+                hooks[variant] += in_hooks
                 per_round[variant].append(statistics.median(steps))
+    if not args.rounds:
+        return
     reference = statistics.median(times["lora"])
     print(f"{args.model} (batch {args.batch_size}, rank {args.rank}, {args.threads} thread(s), {args.rounds} rounds, "
           f"{len(times['lora'])} timed steps per variant): median optimiser step of task 1")
-    print(f"{'variant':<12} {'median ms':>10} {'/ lora':>8}   per-round ratio range")
+    print(f"{'variant':<12} {'median ms':>10} {'/ lora':>8}   {'per-round ratios':<16} {'hooks ms':>9} {'hooks / step':>13}")
     for variant in variants:
         median = statistics.median(times[variant])
         ratios = [v / r for v, r in zip(per_round[variant], per_round["lora"])]
-        print(f"{variant:<12} {1e3 * median:10.2f} {median / reference:8.3f}   {min(ratios):.3f}–{max(ratios):.3f}")
+        hook = statistics.median(hooks[variant])
+        print(f"{variant:<12} {1e3 * median:10.2f} {median / reference:8.3f}   "
+              f"{min(ratios):.3f}–{max(ratios):<10.3f} {1e3 * hook:9.2f} {100 * sum(hooks[variant]) / sum(times[variant]):12.1f} %")
 
 
 if __name__ == "__main__":
