@@ -3,7 +3,7 @@
 Run from the repository root (a few minutes on 2 CPU cores):
 
     HF_HUB_OFFLINE=1 python benchmarks/step_overhead.py --model embedded --threads 1
-    HF_HUB_OFFLINE=1 python benchmarks/step_overhead.py --model vit_b16 --depth 4 --batch-size 4 --threads 1
+    HF_HUB_OFFLINE=1 python benchmarks/step_overhead.py --model vit_b16 --depth 2 --batch-size 4 --steps 6 --rounds 3 --threads 1
 
 Every variant is a real ``trainer.fit`` over tasks 0 and 1 of a random-image stream (``RandomStream``:
 fixed random images of the model's input size, ``--classes-per-task`` classes per task), on the same module

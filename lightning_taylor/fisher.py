@@ -343,6 +343,7 @@ def _split(total: int, size: int) -> list[slice]:
     return [slice(s, min(s + step, total)) for s in range(0, total, step)]
 
 
+@full_precision()  # sums of squares in the weights' dtype, whatever autocast surrounds the call
 def diagonal_fisher(
     model: nn.Module,
     batches: Iterable[Tensor | tuple[Tensor, Tensor] | Sequence[Tensor]],
@@ -397,59 +398,58 @@ def diagonal_fisher(
     was_training = model.training
     model.eval()
     try:
-        with full_precision():  # sums of squares in the weights' dtype, whatever autocast surrounds the call
-            for batch in batches:
-                x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
-                if estimator == "empirical" and y is None:
-                    raise expected("batches", "(x, y) pairs for the empirical estimator", "input tensors only")
-                size = x.shape[0]
-                if size == 0:
-                    continue
-                if not rows:  # first batch: the number of classes and the per-example size of the target outputs
-                    num_classes, example_bytes = _probe(model, modules, detached, x)
-                    per_example = {"exact": num_classes, "mc": samples, "topk": min(top_k, num_classes),
-                                   "empirical": 1}[estimator]
-                    budget = _ROWS_BYTES
-                    if x.device.type == "cuda":
-                        budget = max(budget, torch.cuda.mem_get_info(x.device)[0] // 8)
-                    rows = chunk_size or max(1, budget // max(1, example_bytes))
-                micro = _split(size, max(1, rows // per_example))  # micro-batches of whole examples
-                classes = uniforms = None
-                if estimator == "topk" and len(micro) > 1:  # the class choice is made on the whole batch
-                    with torch.no_grad():
-                        probs = torch.cat([_probabilities(functional_call(model, detached, (x[s],))) for s in micro])
+        for batch in batches:
+            x, y = (batch[0], batch[1]) if isinstance(batch, (tuple, list)) else (batch, None)
+            if estimator == "empirical" and y is None:
+                raise expected("batches", "(x, y) pairs for the empirical estimator", "input tensors only")
+            size = x.shape[0]
+            if size == 0:
+                continue
+            if not rows:  # first batch: the number of classes and the per-example size of the target outputs
+                num_classes, example_bytes = _probe(model, modules, detached, x)
+                per_example = {"exact": num_classes, "mc": samples, "topk": min(top_k, num_classes),
+                               "empirical": 1}[estimator]
+                budget = _ROWS_BYTES
+                if x.device.type == "cuda":
+                    budget = max(budget, torch.cuda.mem_get_info(x.device)[0] // 8)
+                rows = chunk_size or max(1, budget // max(1, example_bytes))
+            micro = _split(size, max(1, rows // per_example))  # micro-batches of whole examples
+            classes = uniforms = None
+            if estimator == "topk" and len(micro) > 1:  # the class choice is made on the whole batch
+                with torch.no_grad():
+                    probs = torch.cat([_probabilities(functional_call(model, detached, (x[s],))) for s in micro])
+                classes = _topk_classes(probs, top_k)
+            elif estimator == "mc":  # drawn per batch: the same labels whatever the micro-batching
+                uniforms = torch.rand(size, samples, generator=generator, dtype=torch.float64)
+            for s in micro:
+                store: dict[str, tuple[Tensor, Tensor]] = {}
+                attention = _math_attention() if per_example > 1 and rows > 1 else contextlib.nullcontext()
+                with torch.enable_grad(), routed(model, module_names), _capture(modules, store), attention:
+                    logits = functional_call(model, detached, (x[s].detach(),))
+                _check_called(model, module_names, store)
+                if logits.ndim != 2:
+                    raise expected("model", "a classifier returning B × C logits", tuple(logits.shape))
+                probs = _probabilities(logits)
+                if estimator == "topk" and classes is None:  # one micro-batch: the whole batch
                     classes = _topk_classes(probs, top_k)
-                elif estimator == "mc":  # drawn per batch: the same labels whatever the micro-batching
-                    uniforms = torch.rand(size, samples, generator=generator, dtype=torch.float64)
-                for s in micro:
-                    store: dict[str, tuple[Tensor, Tensor]] = {}
-                    attention = _math_attention() if per_example > 1 and rows > 1 else contextlib.nullcontext()
-                    with torch.enable_grad(), routed(model, module_names), _capture(modules, store), attention:
-                        logits = functional_call(model, detached, (x[s].detach(),))
-                    _check_called(model, module_names, store)
-                    if logits.ndim != 2:
-                        raise expected("model", "a classifier returning B × C logits", tuple(logits.shape))
-                    probs = _probabilities(logits)
-                    if estimator == "topk" and classes is None:  # one micro-batch: the whole batch
-                        classes = _topk_classes(probs, top_k)
-                    cotangents = _cotangents(probs, estimator, classes,
-                                             None if uniforms is None else uniforms[s], None if y is None else y[s])
-                    outputs = [store[name][1] for name in module_names]
-                    for k0 in range(0, cotangents.shape[0], rows):  # several backwards only when K > rows
-                        grads = dict(zip(module_names, _vjp(logits, outputs, cotangents[k0 : k0 + rows], vectorize)))
-                        for pname, (module_name, attr) in resolved.items():
-                            g = grads[module_name]
-                            g = g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])  # K × b × N × out
-                            if attr == "bias":
-                                sums[pname] += g.sum(dim=2).square().sum(dim=(0, 1))
-                            else:
-                                a = store[module_name][0]
-                                _add_weight_squares(sums[pname], g, a.reshape(a.shape[0], -1, a.shape[-1]))
-                        del grads
-                    del store, logits, outputs
-                count += size
-                if progress is not None:
-                    progress(count)
+                cotangents = _cotangents(probs, estimator, classes,
+                                         None if uniforms is None else uniforms[s], None if y is None else y[s])
+                outputs = [store[name][1] for name in module_names]
+                for k0 in range(0, cotangents.shape[0], rows):  # several backwards only when K > rows
+                    grads = dict(zip(module_names, _vjp(logits, outputs, cotangents[k0 : k0 + rows], vectorize)))
+                    for pname, (module_name, attr) in resolved.items():
+                        g = grads[module_name]
+                        g = g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])  # K × b × N × out
+                        if attr == "bias":
+                            sums[pname] += g.sum(dim=2).square().sum(dim=(0, 1))
+                        else:
+                            a = store[module_name][0]
+                            _add_weight_squares(sums[pname], g, a.reshape(a.shape[0], -1, a.shape[-1]))
+                    del grads
+                del store, logits, outputs
+            count += size
+            if progress is not None:
+                progress(count)
     finally:
         model.train(was_training)
     settings = {"samples": samples} if estimator == "mc" else {"top_k": top_k} if estimator == "topk" else {}
