@@ -95,7 +95,7 @@ def _layer_penalty(tau: Tensor, fisher: Tensor, past: Tensor | None, strength: f
 
     ITA: ``R = ½ α ⟨u, τ⟩``, ``G = α u``. IEL, with ``c = 1 − 1/T``:
     ``R = β (½ c ⟨u, τ⟩ − (1/T) ⟨u, P⟩)``, ``G = β (c u − (1/T) F ⊙ P)``. The same values as the functions
-    above up to float rounding, in a third of their elementwise passes (the step's cost on small batches).
+    above up to float rounding, in fewer elementwise passes (a fixed cost of every optimiser step).
     """
     u = fisher * tau
     flat_u = u.reshape(-1)
