@@ -1,4 +1,5 @@
-"""The benchmark scripts run: the GPU check's reduced CPU mode (its checks pass) and a tiny step-overhead run."""
+"""The benchmark scripts run: the GPU check's reduced CPU mode (its checks pass), tiny step-overhead and
+task-boundary runs."""
 
 import os
 import subprocess
@@ -32,3 +33,11 @@ def test_step_overhead_prints_a_ratio_per_variant():
     assert set(rows) == {"lora", "ita", "iel", "iel_coupled"}
     assert float(rows["lora"][2]) == 1.0
     assert float(rows["lora"][-3]) == 0.0 and all(float(rows[v][-3]) > 0 for v in ("ita", "iel", "iel_coupled"))
+
+
+def test_boundary_cost_times_every_part_of_the_boundary():
+    out = run("boundary_cost.py", "--classes", "2", "--estimators", "mc", "--per-class", "6", "--img-size", "32",
+              "--batch-size", "4")
+    (row,) = [line.split() for line in out.splitlines() if line.split()[:2] == ["2", "mc"]]
+    features, pretuning, fisher, head_fisher, epoch = (float(v) for v in row[3:8])
+    assert min(features, pretuning, fisher, epoch) > 0 and head_fisher >= 0 and row[-1].endswith("x")
