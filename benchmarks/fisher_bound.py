@@ -18,7 +18,6 @@ rest is the squaring and the bookkeeping. Medians of ``--repeats`` round-robin r
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -105,8 +104,7 @@ def main() -> None:
             for name, fn in methods.items():
                 fisher_bench.synchronize(args.device)
                 start = time.perf_counter()
-                with contextlib.suppress(KeyboardInterrupt):
-                    fn()
+                fn()
                 fisher_bench.synchronize(args.device)
                 times[name].append(time.perf_counter() - start)
         exact, low = (statistics.median(times[k]) for k in ("exact", "bound"))
