@@ -15,8 +15,8 @@ All in one process, on the same inputs, it builds
 - ``merged-in-place``: the largest composition merged with ``TaskDeltas.merge()`` into the model that still
   carries the deltas' forward hooks (they return at once while merged);
 - ``unmerged T=…``: the uniform composition of ``T`` LoRA task deltas (rank ``--rank``, qkv ``3·rank``)
-  computed by the hooks, as a loaded run is: ``T − 1`` banked deltas pre-summed into one dense buffer per
-  layer, the last one in the live slot applied low-rank (``x Aᵀ Bᵀ``).
+  computed by the hooks, as a loaded run is: ``T − 1`` banked deltas pre-summed and folded with ``W0`` into
+  one weight per layer, the last one in the live slot applied low-rank (``x Aᵀ Bᵀ``).
 
 Timing: ``--warmup`` untimed forwards per model, then ``--repeats`` rounds; in every round each model runs
 ``--inner`` forwards in a freshly shuffled order (so that load from other processes hits them all alike).

@@ -79,6 +79,7 @@ from torch.func import functional_call
 
 from lightning_taylor._checks import check_choice, check_non_negative, check_positive_int, expected
 from lightning_taylor.deltas.adapters import routed
+from lightning_taylor.precision import full_precision
 
 Estimator = Literal["exact", "mc", "topk", "empirical"]
 
@@ -342,6 +343,7 @@ def _split(total: int, size: int) -> list[slice]:
     return [slice(s, min(s + step, total)) for s in range(0, total, step)]
 
 
+@full_precision()  # sums of squares in the weights' dtype, whatever autocast surrounds the call
 def diagonal_fisher(
     model: nn.Module,
     batches: Iterable[Tensor | tuple[Tensor, Tensor] | Sequence[Tensor]],

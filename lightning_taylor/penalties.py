@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from lightning_taylor._checks import check_choice, check_non_negative, check_non_negative_int
 from lightning_taylor.deltas import TaskDeltas
+from lightning_taylor.precision import full_precision
 
 Algorithm = Literal["ita", "iel"]
 
@@ -88,6 +89,25 @@ def head_penalty(
     return total
 
 
+def _layer_penalty(tau: Tensor, fisher: Tensor, past: Tensor | None, strength: float, task_index: int
+                   ) -> tuple[Tensor, Tensor]:
+    """One layer's ``(R, ∂R/∂τ)`` of :func:`ita_penalty` (``past=None``) or :func:`iel_penalty`, sharing ``u = F ⊙ τ``.
+
+    ITA: ``R = ½ α ⟨u, τ⟩``, ``G = α u``. IEL, with ``c = 1 − 1/T``:
+    ``R = β (½ c ⟨u, τ⟩ − (1/T) ⟨u, P⟩)``, ``G = β (c u − (1/T) F ⊙ P)``. The same values as the functions
+    above up to float rounding, in fewer elementwise passes (a fixed cost of every optimiser step).
+    """
+    u = fisher * tau
+    flat_u = u.reshape(-1)
+    if past is None:
+        return 0.5 * strength * torch.dot(flat_u, tau.reshape(-1)), u.mul_(strength)
+    inv_t = 1.0 / iel_members(task_index)
+    c = 1.0 - inv_t
+    value = strength * (0.5 * c * torch.dot(flat_u, tau.reshape(-1)) - inv_t * torch.dot(flat_u, past.reshape(-1)))
+    grad = torch.add(u, fisher * past, alpha=-inv_t / c).mul_(strength * c)
+    return value, grad
+
+
 def delta_penalty(
     deltas: TaskDeltas,
     curvature: Mapping[str, Tensor],
@@ -96,30 +116,30 @@ def delta_penalty(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """The ITA (``strength = α``) or IEL (``β``) penalty of the current slot, summed over target layers.
 
+    Per layer, the dense ``τ`` of the slot, ``R`` and ``G = ∂R/∂τ`` (:func:`ita_penalty` / :func:`iel_penalty`
+    and their gradients, computed together), then the slot's chain rule (LoRA: ``Bᵀ G``, ``G Aᵀ``).
+
     Args:
         deltas: the task deltas; the task index is ``deltas.current_task``.
         curvature: ``F̄`` per target, keyed ``"<layer>.weight"`` (``F̄_<t`` for ITA, ``F̄_≤t`` for IEL).
 
     Returns:
         The penalty value (a detached scalar) and its gradient w.r.t. each slot tensor, keyed like
-        ``deltas.named_parameters()``.
+        ``deltas.named_parameters()``. Both are computed in the slot's dtype (float32 under mixed precision:
+        the slot's master weights) with autocast off, whatever surrounds the call
+        (:mod:`lightning_taylor.precision`).
     """
     check_choice("algorithm", algorithm, ("ita", "iel"))
     check_non_negative("strength", float(strength))
     task = deltas.current_task
     values: list[Tensor] = []
     grads: dict[str, Tensor] = {}
-    with torch.no_grad():
+    with torch.no_grad(), full_precision():
         for name, layer, linear in deltas.layers():
-            fisher = curvature[f"{name}.weight"]
             tau = layer.slot_delta(linear.weight)
-            if algorithm == "ita":
-                values.append(ita_penalty(tau, fisher, strength))
-                dense_grad = ita_penalty_grad(tau, fisher, strength)
-            else:
-                past = deltas.past_sum(name)
-                values.append(iel_penalty(tau, past, fisher, strength, task))
-                dense_grad = iel_penalty_grad(tau, past, fisher, strength, task)
+            past = deltas.past_sum(name) if algorithm == "iel" else None
+            value, dense_grad = _layer_penalty(tau, curvature[f"{name}.weight"], past, strength, task)
+            values.append(value)
             for key, grad in layer.slot_grads(dense_grad, linear.weight).items():
                 grads[f"{name}.{key}"] = grad
     return torch.stack(values).sum(), grads

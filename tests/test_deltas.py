@@ -305,3 +305,33 @@ def test_guard_refuses_another_model_a_detached_state_and_an_unknown_input_size(
 def test_default_targets_without_a_known_block_layout_name_the_family():
     with pytest.raises(ValueError, match=r"`targets`.*_Toy.*blocks\.\*.*\['a', 'b'\]"):
         TaskDeltas(_Toy())
+
+
+def test_the_banked_part_of_a_composition_is_folded_into_the_weight(vit, images):
+    """One matmul with W0 + C instead of two (IEL trains through the composition): the same output as the
+    unfolded sum, θ0 exactly when disabled, and rebuilt when W0 changes in place (e.g. a state-dict load)."""
+    deltas = TaskDeltas(vit, rank=2)
+    train_stream(deltas, 2)
+    deltas.begin_task(2)
+    randomise_slot(deltas, 7)
+    deltas.compose({0: 0.5, 1: 0.25, 2: 0.25})
+    layer = deltas.layer("blocks.0.attn.qkv")
+    folded = vit(images)
+    assert layer.folded is not None
+    for _, delta, _ in deltas.layers():
+        delta.reads_base_output = True  # the unfolded path: x W0ᵀ + x Cᵀ
+    torch.testing.assert_close(vit(images), folded, rtol=1e-12, atol=1e-12)
+    for _, delta, _ in deltas.layers():
+        delta.reads_base_output = False
+    with deltas.disabled():
+        plain = vit(images)
+    deltas.detach()
+    assert torch.equal(plain, vit(images))  # disabled: exactly nn.Linear's forward
+    deltas.attach()
+    with torch.no_grad():
+        vit.get_submodule("blocks.0.attn.qkv").weight.mul_(2.0)
+    doubled = vit(images)
+    with torch.no_grad():
+        vit.get_submodule("blocks.0.attn.qkv").weight.mul_(0.5)
+    assert not torch.allclose(doubled, folded)
+    torch.testing.assert_close(vit(images), folded, rtol=1e-12, atol=1e-12)

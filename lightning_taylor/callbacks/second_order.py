@@ -67,6 +67,7 @@ from lightning_taylor.editing import uniform
 from lightning_taylor.finite import check_finite, flatten_tensors
 from lightning_taylor.fisher import Estimator, FisherAccumulator, diagonal_fisher
 from lightning_taylor.penalties import Algorithm, decoupled_step, delta_penalty, head_penalty
+from lightning_taylor.precision import full_precision
 from lightning_taylor.seeding import mix, run_seed
 
 log = logging.getLogger(__name__)
@@ -261,7 +262,8 @@ class SecondOrder(L.Callback):
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         task = current_task(trainer, pl_module, self.epochs_per_task)
         if task != self.task:
-            self.begin_task(trainer, pl_module, task)
+            with full_precision():  # features, pre-tuning, Fisher and head Fisher in float32 under *-mixed
+                self.begin_task(trainer, pl_module, task)
         self._deltas(pl_module).compose(self.training_composition(task))
 
     def _compose_for_evaluation(self, pl_module: L.LightningModule) -> None:
@@ -382,7 +384,8 @@ class SecondOrder(L.Callback):
         value, grads = delta_penalty(deltas, self.curvature(pl_module.device), self.algorithm, self.strength)
         grads = {f"task_deltas.{k}": v for k, v in grads.items()}
         head = self.model(pl_module).head
-        head_value, head_grads = self._head_penalty(trainer, pl_module, head)
+        with full_precision():  # like delta_penalty: float32 master weights, autocast off
+            head_value, head_grads = self._head_penalty(trainer, pl_module, head)
         params.update({f"head.{k}": v for k, v in head.named_parameters()})
         grads.update({f"head.{k}": v for k, v in head_grads.items()})
         if not self.guard.check_step(trainer, f"[{self.algorithm.upper()}] task {self.task}", params, grads):

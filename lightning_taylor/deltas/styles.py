@@ -35,13 +35,16 @@ _BANK_KEY = re.compile(r"^(?P<slot>\w+?)_task(?P<task>\d+)$")
 class LinearDelta(nn.Module):
     """Slot and bank of per-task deltas for one ``nn.Linear``; subclasses define the parametrisation.
 
-    The forward contribution is applied by :meth:`hook`, registered as a forward hook on the base layer:
-    ``y = x W0ᵀ + b + x Cᵀ + w_slot · x τ_slotᵀ`` where ``C = Σ_s w_s τ_s`` is the banked part of the current
-    composition, pre-summed once into a dense buffer, and the slot term is computed without forming
-    ``τ_slot`` where the style allows it (LoRA: ``(x Aᵀ) Bᵀ``).
+    The forward is ``y = x (W0 + C)ᵀ + b + w_slot · x τ_slotᵀ`` where ``C = Σ_s w_s τ_s`` is the banked part
+    of the current composition, pre-summed once into a dense buffer. :meth:`base_forward` replaces the base
+    layer's forward while attached and folds ``C`` into the weight (one matmul instead of two, forward and
+    backward: IEL trains through the composition); :meth:`hook`, a forward hook on the base layer, adds the
+    slot term, computed without forming ``τ_slot`` where the style allows it (LoRA: ``(x Aᵀ) Bᵀ``).
     """
 
     slot_names: tuple[str, ...] = ()
+    #: The slot term reads the base output ``x W0ᵀ + b`` (IA3): ``C`` is then added separately, not folded.
+    reads_base_output = False
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__()
@@ -53,6 +56,10 @@ class LinearDelta(nn.Module):
         self.enabled = True
         # The base weight as it was before a merge (None when unmerged).
         self.register_buffer("merged", None, persistent=False)
+        # W0 + C for `base_forward`, with the identity of the W0 it was built from (rebuilt when W0 changes).
+        self.register_buffer("folded", None, persistent=False)
+        self._folded_key: tuple | None = None
+        self._folded_now = False  # set by `base_forward` for the `hook` of the same call
 
     # -- style-specific -------------------------------------------------------------------------------
     def reset_slot(self, generator: torch.Generator) -> None:
@@ -119,6 +126,7 @@ class LinearDelta(nn.Module):
             term = w * self.task_delta(task, weight)
             composed = term if composed is None else composed + term
         self.composed = composed
+        self.folded, self._folded_key = None, None
         self.slot_weight = float(slot_weight)
 
     def composed_delta(self, weight: Tensor) -> Tensor:
@@ -128,12 +136,31 @@ class LinearDelta(nn.Module):
             delta += self.slot_weight * self.slot_delta(weight).detach()
         return delta
 
+    def _fold(self, weight: Tensor) -> bool:
+        """Whether this forward uses ``W0 + C`` (and builds it when ``C`` or ``W0`` changed)."""
+        if (not self.enabled or self.merged is not None or self.composed is None or self.reads_base_output
+                or weight.requires_grad):  # a trainable W0 keeps its own gradient path
+            return False
+        key = (weight.data_ptr(), weight._version, weight.dtype, weight.device)
+        if self._folded_key != key:
+            with torch.no_grad():
+                self.folded = weight + self.composed.to(weight.dtype)
+            self._folded_key = key
+        return True
+
+    def base_forward(self, module: nn.Linear, x: Tensor) -> Tensor:
+        """The base layer's forward while attached: ``x (W0 + C)ᵀ + b``, or ``x W0ᵀ + b`` when nothing is folded
+        (deltas disabled or merged, no banked part, IA3, a trainable ``W0``): then exactly ``nn.Linear``'s."""
+        self._folded_now = self._fold(module.weight)
+        return F.linear(x, self.folded if self._folded_now else module.weight, module.bias)
+
     def hook(self, module: nn.Linear, args: tuple[Tensor, ...], output: Tensor) -> Tensor | None:
-        """Forward hook of the base layer: add the composition to its output."""
+        """Forward hook of the base layer: add the composition's remaining terms to its output."""
+        folded, self._folded_now = self._folded_now, False
         if not self.enabled or self.merged is not None:
             return None
         x, base_output = args[0], output
-        if self.composed is not None:
+        if self.composed is not None and not folded:
             output = output + F.linear(x, self.composed)
         if self.slot_weight:
             output = output + self.slot_weight * self.slot_output(x, base_output, module)
@@ -199,6 +226,7 @@ class IA3Delta(LinearDelta):
     """Row scaling ``W = diag(s) W0``, i.e. ``τ = (s − 1) ⊙ W0`` row-wise; ``s`` starts at 1."""
 
     slot_names = ("scale",)
+    reads_base_output = True
 
     def __init__(self, in_features: int, out_features: int) -> None:
         super().__init__(in_features, out_features)

@@ -2,8 +2,9 @@
 
 ``TaskDeltas`` owns one :class:`~lightning_taylor.deltas.styles.LinearDelta` per target layer, mirrored
 under the same dotted name (``blocks.0.attn.qkv.lora_A``), and adds their contribution to the base layers
-through forward hooks. The base model is left untouched: its ``state_dict`` keeps timm's keys, so a plain
-timm checkpoint loads into it and a merged model loads back into plain timm.
+through forward hooks (and an instance-level ``forward`` that folds the banked deltas into the weight, see
+:class:`~lightning_taylor.deltas.styles.LinearDelta`). The base model is left untouched: its ``state_dict``
+keeps timm's keys, so a plain timm checkpoint loads into it and a merged model loads back into plain timm.
 
 Attention blocks that apply their ``qkv`` weight with ``F.linear`` instead of calling the layer (EVA, BEiT,
 Swin V2) are adapted while attached, so that the layer's forward, and with it the delta, runs
@@ -14,6 +15,7 @@ every target's delta reaches the model's output.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from fnmatch import fnmatchcase
 from typing import Iterator, Mapping, Sequence
@@ -269,6 +271,8 @@ class TaskDeltas(nn.Module):
         weight without calling it (done at construction)."""
         if not self._handles:
             self._handles = [linear.register_forward_hook(delta.hook) for _, delta, linear in self.layers()]
+            for _, delta, linear in self.layers():  # an instance attribute: the class's forward is untouched
+                linear.forward = functools.partial(delta.base_forward, linear)
             for attention in self._attentions.values():
                 self._handles += route_through_qkv(attention)
 
@@ -276,6 +280,8 @@ class TaskDeltas(nn.Module):
         """Remove the hooks and adapters: the model is plain θ0 (or the merged model) again."""
         for handle in self._handles:
             handle.remove()
+        for _, _, linear in self.layers():
+            linear.__dict__.pop("forward", None)
         self._handles = []
 
     def check_reach(self, model: nn.Module, probe: Tensor | Sequence | None = None) -> None:
