@@ -5,9 +5,10 @@ Run from the repository root (about a minute on 2 CPU cores):
     HF_HUB_OFFLINE=1 python benchmarks/guard.py --threads 1
 
 In one process, on the embedded tiny ViT and task 1 of the embedded digits stream (so the ITA penalty is
-active), it runs ``--rounds`` pairs of short fits (tasks 0 and 1, 3 epochs each), alternating guard on / guard off (the guard's checks replaced by
-no-ops), and times every optimiser step (``on_train_batch_start`` → ``on_train_batch_end``: forward,
-backward, penalty, guard, AdamW) of task 1 after ``--warmup`` steps of each epoch. It prints
+active), it runs ``--rounds`` pairs of short fits (tasks 0 and 1, 3 epochs each), alternating guard on /
+guard off (the guard's checks replaced by no-ops), and times every optimiser step (``on_train_batch_start``
+→ ``on_train_batch_end``: forward, backward, penalty, guard, AdamW) of task 1 after ``--warmup`` steps of each epoch, with the step timer of
+``benchmarks/step_overhead.py``. It prints
 
 - the median step time with and without the guard, and their ratio (noisy on a shared machine);
 - the guard's own time (its ``check_step`` and ``add_loss`` calls, timed inside the guarded fits) as a
@@ -21,7 +22,6 @@ import os
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -34,35 +34,8 @@ from lightning_taylor.callbacks import ITA, PreTuning  # noqa: E402
 from lightning_taylor.data import TaskStreamDataModule  # noqa: E402
 from lightning_taylor.module import IncrementalViT  # noqa: E402
 
-
-class StepTimer(L.Callback):
-    """Wall time of every training batch (one optimiser step each) of task 1 after ``warmup`` steps, and the
-    part of it spent in the guard (the growth of ``guard_bucket`` during the step)."""
-
-    def __init__(self, warmup: int, guard_bucket: list[float]) -> None:
-        self.warmup, self.bucket = warmup, guard_bucket
-        self.times: list[float] = []
-        self.guard_times: list[float] = []
-        self._start, self._guard_before = 0.0, 0.0
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:  # noqa: ANN001
-        self._guard_before = sum(self.bucket)
-        self._start = time.perf_counter()
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:  # noqa: ANN001
-        if trainer.current_epoch >= EPOCHS and batch_idx >= self.warmup:  # task 1: the penalty is active
-            self.times.append(time.perf_counter() - self._start)
-            self.guard_times.append(sum(self.bucket) - self._guard_before)
-
-
-def timed(function, bucket: list[float]):  # noqa: ANN001, ANN201
-    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        start = time.perf_counter()
-        try:
-            return function(*args, **kwargs)
-        finally:
-            bucket.append(time.perf_counter() - start)
-    return wrapper
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from step_overhead import StepTimer, timed  # noqa: E402 (the same step timing as the overhead benchmark)
 
 
 EPOCHS = 3  # per task
@@ -83,12 +56,12 @@ def one_fit(guarded: bool, warmup: int, save_dir: str) -> tuple[list[float], flo
     else:
         ita.guard.check_step = lambda *args, **kwargs: True
         ita.guard.add_loss = lambda loss: None
-    timer = StepTimer(warmup, guard_time)
+    timer = StepTimer(EPOCHS, warmup, guard_time)  # task 1 starts at epoch EPOCHS
     trainer = L.Trainer(max_epochs=2 * EPOCHS, reload_dataloaders_every_n_epochs=1,
                         limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, callbacks=[ita, timer])
     trainer.fit(model, data)
-    return timer.times, sum(timer.guard_times)
+    return timer.times, sum(timer.hook_times)
 
 
 def main() -> None:

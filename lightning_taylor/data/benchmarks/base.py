@@ -185,6 +185,22 @@ def choose_split(benchmark: Benchmark, root: str, split: SplitChoice, reference_
     return all(present)
 
 
+def folder_index(benchmark: Benchmark, root: str, folder: Path, class_names: Sequence[str], split: SplitChoice,
+                 split_files: Sequence[Path], read_entries: Callable[[Path], tuple[Sequence[str], Sequence[int]]],
+                 test_fraction: float, split_seed: int) -> Index:
+    """The index of one folder per class: the reference split when its two files (train, test) are chosen
+    (:func:`choose_split`; ``read_entries(file)`` gives their entries and targets), else a seeded split."""
+    paths, targets = class_folders(benchmark, root, folder)
+    if not choose_split(benchmark, root, split, split_files):
+        return split_index(paths, targets, class_names, test_fraction, split_seed, benchmark.name)
+    listed = set(paths)
+    (train_paths, train_targets), (test_paths, test_targets) = [
+        listed_split(benchmark, root, file, *read_entries(file), folder, class_names, listed) for file in split_files]
+    names = [file.name for file in split_files]
+    return Index(train_paths, train_targets, test_paths, test_targets, tuple(class_names), "reference",
+                 f"reference split files {names}")
+
+
 def listed_split(benchmark: Benchmark, root: str, file: Path, entries: Sequence[str], targets: Sequence[int],
                  folder: Path, class_names: Sequence[str], listed: set[str]) -> tuple[list[str], Tensor]:
     """Paths and labels of one part of a reference split file whose entries end in ``<class>/<image>``.

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning_taylor.data.benchmarks.base import (
-    Benchmark, Index, SplitChoice, choose_split, class_folders, listed_split, require, split_index,
-)
+from lightning_taylor.data.benchmarks.base import Benchmark, Index, SplitChoice, folder_index, require
 from lightning_taylor.data.benchmarks.files import read_json
 from lightning_taylor.data.transforms import Recipe
 
@@ -36,21 +34,16 @@ CROPDISEASE_CLASSES = (
 SPLIT_FILES = ("train.json", "test.json")
 
 
+def _entries(file: Path, root: str) -> tuple[list, list]:
+    content = read_json(CROPDISEASE, root, file, ("data", "labels"))
+    return content["data"], content["labels"]
+
+
 def index(root: str, split: SplitChoice, test_fraction: float, split_seed: int) -> Index:
     folder = require(CROPDISEASE, root, "cropdisease", "images", directory=True)
-    paths, targets = class_folders(CROPDISEASE, root, folder)
     files = [Path(root, "cropdisease", name) for name in SPLIT_FILES]
-    if not choose_split(CROPDISEASE, root, split, files):
-        return split_index(paths, targets, CROPDISEASE_CLASSES, test_fraction, split_seed, "cropdisease")
-    listed = set(paths)
-    halves = []
-    for file in files:
-        content = read_json(CROPDISEASE, root, file, ("data", "labels"))
-        halves.append(listed_split(CROPDISEASE, root, file, content["data"], content["labels"], folder,
-                                   CROPDISEASE_CLASSES, listed))
-    (train_paths, train_targets), (test_paths, test_targets) = halves
-    return Index(train_paths, train_targets, test_paths, test_targets, CROPDISEASE_CLASSES, "reference",
-                 f"reference split files {list(SPLIT_FILES)}")
+    return folder_index(CROPDISEASE, root, folder, CROPDISEASE_CLASSES, split, files, lambda file: _entries(file, root),
+                        test_fraction, split_seed)
 
 
 CROPDISEASE = Benchmark(

@@ -62,6 +62,6 @@ EUROSAT = Benchmark(
     layout="root/eurosat/2750/<Class>/*.jpg",
     source="Pass `download: true` to fetch it with torchvision, or unpack EuroSAT_RGB.zip "
            "(https://zenodo.org/records/7711810) as `root/eurosat/2750/`; the reference split is CoOp's "
-           "`split_zhou_EuroSAT.json` (https://github.com/KaiyangZhou/CoOp, DATASETS.md), put in `root/eurosat/`.",
+           "`split_zhou_EuroSAT.json` (https://github.com/KaiyangZhou/CoOp), put in `root/eurosat/`.",
     index=index, download=download,
 )

@@ -15,9 +15,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning_taylor.data.benchmarks.base import (
-    Benchmark, Index, SplitChoice, choose_split, class_folders, listed_split, require, split_index,
-)
+from lightning_taylor.data.benchmarks.base import Benchmark, Index, SplitChoice, folder_index, require
 from lightning_taylor.data.benchmarks.files import read_yaml
 from lightning_taylor.data.transforms import Recipe
 
@@ -59,16 +57,9 @@ def _entries(file: Path, root: str) -> tuple[list, list]:
 
 def index(root: str, split: SplitChoice, test_fraction: float, split_seed: int) -> Index:
     folder = require(IMAGENET_R, root, "imagenet-r", directory=True)
-    paths, targets = class_folders(IMAGENET_R, root, folder)
     files = [Path(root, name) for name in SPLIT_FILES]
-    if not choose_split(IMAGENET_R, root, split, files):
-        return split_index(paths, targets, IMAGENET_R_WNIDS, test_fraction, split_seed, "imagenet_r")
-    listed = set(paths)
-    halves = [listed_split(IMAGENET_R, root, file, *_entries(file, root), folder, IMAGENET_R_WNIDS, listed)
-              for file in files]
-    (train_paths, train_targets), (test_paths, test_targets) = halves
-    return Index(train_paths, train_targets, test_paths, test_targets, IMAGENET_R_WNIDS, "reference",
-                 f"reference split files {list(SPLIT_FILES)}")
+    return folder_index(IMAGENET_R, root, folder, IMAGENET_R_WNIDS, split, files, lambda file: _entries(file, root),
+                        test_fraction, split_seed)
 
 
 IMAGENET_R = Benchmark(

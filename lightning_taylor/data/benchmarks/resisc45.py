@@ -14,9 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning_taylor.data.benchmarks.base import (
-    Benchmark, Index, SplitChoice, choose_split, class_folders, listed_split, require, split_index,
-)
+from lightning_taylor.data.benchmarks.base import Benchmark, Index, SplitChoice, folder_index, require
 from lightning_taylor.data.benchmarks.files import read_yaml
 from lightning_taylor.data.transforms import Recipe
 
@@ -38,16 +36,9 @@ def _entries(file: Path, root: str) -> tuple[list, list]:
 
 def index(root: str, split: SplitChoice, test_fraction: float, split_seed: int) -> Index:
     folder = require(RESISC45, root, "NWPU-RESISC45", directory=True)
-    paths, targets = class_folders(RESISC45, root, folder)
     files = [folder / name for name in SPLIT_FILES]
-    if not choose_split(RESISC45, root, split, files):
-        return split_index(paths, targets, RESISC45_CLASSES, test_fraction, split_seed, "resisc45")
-    listed = set(paths)
-    halves = [listed_split(RESISC45, root, file, *_entries(file, root), folder, RESISC45_CLASSES, listed)
-              for file in files]
-    (train_paths, train_targets), (test_paths, test_targets) = halves
-    return Index(train_paths, train_targets, test_paths, test_targets, RESISC45_CLASSES, "reference",
-                 f"reference split files {list(SPLIT_FILES)}")
+    return folder_index(RESISC45, root, folder, RESISC45_CLASSES, split, files, lambda file: _entries(file, root),
+                        test_fraction, split_seed)
 
 
 RESISC45 = Benchmark(
