@@ -7,8 +7,8 @@ Run from the repository root (about a minute on 2 CPU cores):
 In one process, on the embedded tiny ViT and task 1 of the embedded digits stream (so the ITA penalty is
 active), it runs ``--rounds`` pairs of short fits (tasks 0 and 1, 3 epochs each), alternating guard on /
 guard off (the guard's checks replaced by no-ops), and times every optimiser step (``on_train_batch_start``
-→ ``on_train_batch_end``: forward, backward, penalty, guard, AdamW) of task 1 after ``--warmup`` steps of each epoch, with the step timer of
-``benchmarks/step_overhead.py``. It prints
+→ ``on_train_batch_end``: forward, backward, penalty, guard, AdamW) of task 1 after ``--warmup`` steps of
+each epoch, with the step timer of ``benchmarks/step_overhead.py``. It prints
 
 - the median step time with and without the guard, and their ratio (noisy on a shared machine);
 - the guard's own time (its ``check_step`` and ``add_loss`` calls, timed inside the guarded fits) as a
