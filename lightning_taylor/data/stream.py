@@ -26,7 +26,8 @@ from lightning_taylor.data.datasets import (
     dataset_info,
     download_cifar100,
     load_cifar100_splits,
-    load_digits_splits,
+    EMBEDDED,
+    load_embedded_splits,
     load_imagefolder_splits,
 )
 from lightning_taylor.data.benchmarks import BENCHMARKS, FileList, SplitChoice
@@ -41,7 +42,7 @@ log = logging.getLogger(__name__)
 _info = rank_zero_only(log.info)
 
 Split = Literal["train", "test"]
-DatasetName = Literal["digits", "cifar100", "imagefolder", "imagenet_r", "cub200", "cars196", "eurosat", "isic",
+DatasetName = Literal["mnist", "digits", "cifar100", "imagefolder", "imagenet_r", "cub200", "cars196", "eurosat", "isic",
                       "resisc45", "cropdisease"]
 ALL_DATASETS: tuple[str, ...] = (*DATASETS, *BENCHMARKS)
 
@@ -431,10 +432,10 @@ class TaskStreamDataModule(L.LightningDataModule):
         if module is not None:
             self.follow_model(module)
         # Digits are resized once when loaded: a new size reloads them (50 ms); other sets resize per item.
-        if self._raw is not None and (self.dataset != "digits" or self._raw_size == self.image_size):
+        if self._raw is not None and (self.dataset not in EMBEDDED or self._raw_size == self.image_size):
             return
-        if self.dataset == "digits":
-            raw = load_digits_splits(self.image_size, self.test_fraction, self.split_seed)
+        if self.dataset in EMBEDDED:
+            raw = load_embedded_splits(self.dataset, self.image_size, self.test_fraction, self.split_seed)
         elif self.dataset == "cifar100":
             raw = load_cifar100_splits(self.root, download=self.download)
         elif self.benchmark is not None:
@@ -465,7 +466,7 @@ class TaskStreamDataModule(L.LightningDataModule):
                          FileList(index.test_paths, index.test_targets), index.train_targets, index.test_targets)
 
     def _transforms(self) -> tuple[Transform, Transform]:
-        if self.dataset == "digits":
+        if self.dataset in EMBEDDED:
             return digits_transforms(self.mean, self.std, self._in_chans)
         if self.benchmark is not None:
             return recipe_transforms(self.benchmark.recipe, self.image_size, self.mean, self.std, self._in_chans)
