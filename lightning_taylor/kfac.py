@@ -53,6 +53,11 @@ class KroneckerSums:
     estimator: str = "exact"
     approx: str = "expand"
 
+    @property
+    def sums(self) -> dict[str, Tensor]:
+        """Every sum by name, ``"<layer>.A"`` and ``"<layer>.G"`` (like ``FisherSums.sums``: for checks and files)."""
+        return {**{f"{k}.A": v for k, v in self.inputs.items()}, **{f"{k}.G": v for k, v in self.grads.items()}}
+
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """``{layer: (Ā, Ḡ)}``, the per-example means ``A / (n·s)`` and ``G / n``."""
         if self.count < 1:
