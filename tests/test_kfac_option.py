@@ -105,3 +105,225 @@ def test_accumulator_merged_pools_and_per_task_sums_the_products():
         for (a, g), (a2, g2) in zip(per_task.factors(True)[name], restored.factors(True)[name]):
             assert torch.equal(a, a2) and torch.equal(g, g2)
     assert isinstance(restored.current, KroneckerSums)
+
+
+# -- the option in a fit ------------------------------------------------------------------------------------
+import json  # noqa: E402
+
+import lightning as L  # noqa: E402
+import timm  # noqa: E402
+from helpers import SeenLogits  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from test_ddp_stream import launch  # noqa: E402
+from test_resume import Preempted, run  # noqa: E402
+
+from lightning_taylor import kfac_accumulator  # noqa: E402
+from lightning_taylor._checks import InputError  # noqa: E402
+from lightning_taylor.callbacks import SecondOrder, second_order  # noqa: E402
+from lightning_taylor.callbacks.resume import check_record  # noqa: E402
+from lightning_taylor.cli import cli  # noqa: E402
+from lightning_taylor.edit import Edit, apply_edit, export, load_run, predict  # noqa: E402
+from lightning_taylor.kfac_accumulator import check_factor_memory  # noqa: E402
+
+RUNS = {"ita merged": ("ita", "merged"), "iel per_task": ("iel", "per_task")}
+
+
+class HeadAtBoundary(L.Callback):
+    """The ITA / IEL callback's pre-tuned head at every task boundary (the head its factors were computed with)."""
+
+    def __init__(self) -> None:
+        self.heads: dict[int, dict[str, torch.Tensor]] = {}
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        (method,) = [c for c in trainer.callbacks if isinstance(c, SecondOrder)]
+        self.heads.setdefault(method.task, {k: v.clone() for k, v in method.pretuned_head.items()})
+
+
+@pytest.fixture(scope="module")
+def kfac_runs(tmp_path_factory, one_thread):
+    results = {}
+    for key, (algorithm, tasks) in RUNS.items():
+        root = tmp_path_factory.mktemp(key.replace(" ", "_"))
+        recorder = HeadAtBoundary()
+        trainer, model, callback, evaluation = run(algorithm, root, extra=[recorder], curvature="kfac",
+                                                   kfac_tasks=tasks)
+        results[key] = dict(root=root, trainer=trainer, model=model, callback=callback, evaluation=evaluation,
+                            heads=recorder.heads)
+    return results
+
+
+def final_state(model, callback, evaluation) -> dict:
+    return {"matrix": evaluation.matrices["class_il"].rows,
+            "params": {k: v.clone() for k, v in model.state_dict().items()},
+            "kfac": {f"{i}.{k}": v for i, s in enumerate(callback.accumulator.stored()) for k, v in s.sums.items()},
+            "pretuned": callback.pretuned_head}
+
+
+def direct_sums(entry, task: int) -> KroneckerSums:
+    """kronecker_sums at θ0 with the task's pre-tuned head over the classes seen, on the task's training images."""
+    trainer, model, callback = entry["trainer"], entry["model"], entry["callback"]
+    classifier = callback.model(model)
+    head, trained = classifier.head, {k: v.clone() for k, v in classifier.head.state_dict().items()}
+    head.load_state_dict(entry["heads"][task])
+    loader = trainer.datamodule.task_dataloader(task, "train", batch_size=callback.fisher_batch_size)
+    names = model.task_deltas.names
+    try:
+        with model.task_deltas.disabled():
+            sums = kronecker_sums(SeenLogits(classifier, 2 * (task + 1)), [(x, y) for x, y in loader],
+                                  [f"model.backbone.{n}" for n in names])
+    finally:
+        head.load_state_dict(trained)
+    return KroneckerSums({n: sums.inputs[f"model.backbone.{n}"] for n in names},
+                         {n: sums.grads[f"model.backbone.{n}"] for n in names}, sums.count, sums.tokens)
+
+
+@pytest.mark.parametrize("key", RUNS)
+def test_callback_factors_equal_kronecker_sums_computed_directly(kfac_runs, key):
+    entry = kfac_runs[key]
+    accumulator = entry["callback"].accumulator
+    direct = [direct_sums(entry, task) for task in range(3)]
+    if accumulator.tasks == "merged":
+        direct = [KroneckerSums({n: sum(d.inputs[n] for d in direct) for n in direct[0].inputs},
+                                {n: sum(d.grads[n] for d in direct) for n in direct[0].grads},
+                                sum(d.count for d in direct), direct[0].tokens)]
+    stored = accumulator.stored()
+    assert len(stored) == len(direct)
+    for ours, reference in zip(stored, direct):
+        assert ours.count == reference.count > 0 and ours.tokens == reference.tokens
+        for name, value in reference.sums.items():
+            assert value.abs().max() > 0, name
+            torch.testing.assert_close(ours.sums[name], value, rtol=1e-5, atol=1e-6 * float(value.abs().max()))
+    # what was saved at the end: the means of the stored sums, with how they were made
+    path = entry["root"] / "kfac.safetensors"
+    saved = load_file(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    assert meta["approximation"] == "expand" and meta["tasks_combined"] == accumulator.tasks
+    assert meta["estimator"] == "exact" and meta["counts"] == ",".join(str(r["count"]) for r in accumulator.records)
+    name = entry["model"].task_deltas.names[0]
+    suffix = "" if accumulator.tasks == "merged" else ".task2"
+    torch.testing.assert_close(saved[f"{name}.G{suffix}"], stored[-1].factors()[name][1])
+    assert len(saved) == 2 * len(stored) * len(entry["model"].task_deltas.names)
+
+
+@pytest.mark.parametrize("key, crash_epoch", [("ita merged", 3), ("iel per_task", 2)])
+def test_resumed_kfac_run_ends_bit_exact(kfac_runs, key, crash_epoch, tmp_path):
+    algorithm, tasks = RUNS[key]
+    with pytest.raises(Preempted):
+        run(algorithm, tmp_path, crash_epoch=crash_epoch, curvature="kfac", kfac_tasks=tasks)
+    _, model, callback, evaluation = run(algorithm, tmp_path, ckpt_path=str(tmp_path / "checkpoints" / "last.ckpt"),
+                                         curvature="kfac", kfac_tasks=tasks)
+    entry = kfac_runs[key]
+    resumed, expected = final_state(model, callback, evaluation), final_state(entry["model"], entry["callback"],
+                                                                              entry["evaluation"])
+    assert resumed["matrix"] == expected["matrix"] and len(resumed["matrix"]) == 3
+    for part in ("params", "kfac", "pretuned"):
+        assert resumed[part].keys() == expected[part].keys() and resumed[part]
+        for name, value in expected[part].items():
+            assert torch.equal(resumed[part][name], value), f"{part} {name}"
+
+
+@pytest.mark.parametrize("change", [{"curvature": "diagonal"}, {"kfac_tasks": "per_task"}, {"kfac_approx": "reduce"}])
+def test_resume_with_other_curvature_settings_is_refused(kfac_runs, change, tmp_path):
+    checkpoint = next((kfac_runs["ita merged"]["root"] / "checkpoints").glob("epoch=2-*.ckpt"))
+    options = {"curvature": "kfac", "kfac_tasks": "merged", **change}
+    (field,) = change
+    with pytest.raises(InputError, match=f"Expected `{field}` to be .* trained with.*but got '{change[field]}'"):
+        run("ita", tmp_path, ckpt_path=str(checkpoint), **options)
+
+
+def test_a_checkpoint_without_a_curvature_record_is_a_diagonal_one():
+    check_record({"algorithm": "ita"}, {"algorithm": "ita", "curvature": "diagonal"}, False, None)
+    with pytest.raises(InputError, match="`curvature` to be 'diagonal'"):
+        check_record({"algorithm": "ita"}, {"algorithm": "ita", "curvature": "kfac"}, False, "old.ckpt")
+
+
+def test_a_kfac_run_edits_and_exports_like_a_diagonal_one(kfac_runs, tmp_path):
+    entry = kfac_runs["ita merged"]
+    loaded = load_run(entry["root"])
+    trained = entry["model"].task_deltas
+    assert loaded.tasks == [0, 1, 2]
+    for name in trained.names:
+        for task in loaded.tasks:
+            assert torch.equal(loaded.deltas.task_delta(name, task), trained.task_delta(name, task))
+    edit = Edit(drop=(1,))
+    composition = edit.composition(loaded.tasks)
+    images = torch.stack([loaded.datamodule.tasks_dataset(range(3), "test")[i][0] for i in range(0, 60, 3)])
+    expected = predict(loaded.model, [(images, torch.zeros(len(images)))], composition)[0]
+    path = export(loaded, tmp_path / "merged.safetensors", composition)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata()
+    plain = timm.create_model(meta["model_name"], pretrained=False, **json.loads(meta["model_kwargs"])).eval()
+    plain.load_state_dict(load_file(path))
+    with torch.no_grad():
+        torch.testing.assert_close(plain(images), expected, rtol=1e-5, atol=1e-5)
+    full = predict(loaded.model, [(images, torch.zeros(len(images)))], Edit().composition(loaded.tasks))[0]
+    assert (full - expected).abs().max() > 1e-4  # dropping task 1 changed the model
+    result = apply_edit(loaded, edit)
+    assert result.removed == [1] and [row["coefficient"] for row in result.rows()[:3]] == pytest.approx([1 / 3, 0.0, 1 / 3])
+
+
+def test_factors_that_do_not_fit_are_refused_before_computing(monkeypatch, tmp_path):
+    monkeypatch.setattr(kfac_accumulator, "available_memory", lambda device: 4096)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the factors were computed")
+
+    monkeypatch.setattr(second_order, "kronecker_sums", never)
+    with pytest.raises(InputError, match=r"^Expected `curvature` to be a curvature whose factors fit in cpu "
+                                         r"\(0\.00 GiB free\), but got 'kfac'\. The KFAC factors of this task need"):
+        run("ita", tmp_path, curvature="kfac")
+
+
+def vit_b16_shapes() -> dict:
+    d = 768
+    return {f"blocks.{b}.{n}": s for b in range(12) for n, s in
+            (("attn.qkv", (3 * d, d)), ("attn.proj", (d, d)), ("mlp.fc1", (4 * d, d)), ("mlp.fc2", (d, 4 * d)))}
+
+
+def test_vit_b16_factors_need_1_2_gib_per_pair(monkeypatch):
+    """The README's figure: 12 · 46 · 768² numbers = 1.21 GiB in float32 per factor pair."""
+    monkeypatch.setattr(kfac_accumulator, "available_memory", lambda device: 2**30)
+    with pytest.raises(InputError, match=r"need 1\.21 GiB \(1 pairs of 325,582,848 numbers"):
+        check_factor_memory(vit_b16_shapes(), 1, torch.float32, torch.device("cpu"), "merged")
+    with pytest.raises(InputError, match="`kfac_tasks: merged` keeps one pair"):
+        check_factor_memory(vit_b16_shapes(), 1, torch.float32, torch.device("cpu"), "per_task")
+    monkeypatch.setattr(kfac_accumulator, "available_memory", lambda device: 2 * 2**30)
+    check_factor_memory(vit_b16_shapes(), 1, torch.float32, torch.device("cpu"), "merged")
+
+
+def test_topk_is_refused_with_kfac():
+    from lightning_taylor.callbacks import ITA
+
+    with pytest.raises(InputError, match="`fisher_estimator` to be 'exact', 'mc' or 'empirical' with `curvature: kfac`"):
+        ITA(curvature="kfac", fisher_estimator="topk")
+
+
+@pytest.mark.parametrize("config, curvature", [("ita.yaml", "diagonal"), ("ita_kfac.yaml", "kfac"),
+                                               ("iel_kfac.yaml", "kfac")])
+def test_print_config_lists_the_options(config, curvature, capsys):
+    with pytest.raises(SystemExit):
+        cli(["fit", "--config", f"configs/digits/{config}", "--print_config"])
+    out = capsys.readouterr().out
+    for line in (f"curvature: {curvature}", "kfac_approx: expand", "kfac_tasks: merged"):
+        assert line in out
+    parsed = cli(["--config", f"configs/digits/{config}"], run=False)
+    (method,) = [c for c in parsed.trainer.callbacks if isinstance(c, SecondOrder)]
+    assert method.curvature_type == curvature
+
+
+def test_two_processes_give_the_factors_of_one(tmp_path):
+    """tests/ddp_job.py with ``--curvature kfac``: 2 gloo ranks (Lightning's ddp) against 1 process."""
+    (single,) = launch("one process", tmp_path / "one", "--curvature", "kfac", "--kfac-tasks", "per_task")
+    ranks = launch("lightning", tmp_path / "two", "--curvature", "kfac", "--kfac-tasks", "per_task")
+    assert [state["world_size"] for state in ranks] == [2, 2] and len(single["kfac"]) == 3
+    for task, reference in enumerate(single["kfac"]):
+        for rank in ranks:
+            ours = rank["kfac"][task]
+            assert ours["count"] == reference["count"] > 0
+            for name, value in reference["sums"].items():
+                assert value.abs().max() > 0
+                torch.testing.assert_close(ours["sums"][name], value, rtol=1e-4, atol=1e-5 * float(value.abs().max()))
+        for name, value in ranks[0]["kfac"][task]["sums"].items():
+            assert torch.equal(value, ranks[1]["kfac"][task]["sums"][name]), name
