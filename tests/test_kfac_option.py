@@ -327,3 +327,19 @@ def test_two_processes_give_the_factors_of_one(tmp_path):
                 torch.testing.assert_close(ours["sums"][name], value, rtol=1e-4, atol=1e-5 * float(value.abs().max()))
         for name, value in ranks[0]["kfac"][task]["sums"].items():
             assert torch.equal(value, ranks[1]["kfac"][task]["sums"][name]), name
+
+
+def test_the_cost_benchmark_times_kfac_against_the_diagonal(kfac_runs):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "curvature.py"
+    done = subprocess.run([sys.executable, str(script), str(kfac_runs["ita merged"]["root"]), "--cost", "--examples",
+                           "16", "--batch-size", "8", "--repeats", "1", "--steps", "2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2:-1] for line in done.stdout.splitlines()
+            if line.startswith("| ") and not line.startswith("| boundary") and not line.startswith("| penalty")}
+    assert set(rows) == {"exact", "mc", "ITA", "IEL"}
+    assert all(float(cells[-1]) > 0 for cells in rows.values())
