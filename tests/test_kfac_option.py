@@ -343,3 +343,30 @@ def test_the_cost_benchmark_times_kfac_against_the_diagonal(kfac_runs):
             if line.startswith("| ") and not line.startswith("| boundary") and not line.startswith("| penalty")}
     assert set(rows) == {"exact", "mc", "ITA", "IEL"}
     assert all(float(cells[-1]) > 0 for cells in rows.values())
+
+
+def delta_norms(model) -> list[float]:
+    deltas = model.task_deltas
+    return [float(sum(deltas.task_delta(n, t).square().sum() for n in deltas.names)) ** 0.5 for t in deltas.tasks]
+
+
+@pytest.mark.parametrize("mode", ["decoupled", "coupled"])
+def test_the_kronecker_penalty_pulls_the_deltas_in_both_modes(mode, monkeypatch, tmp_path):
+    """The same fit with the KFAC penalty's gradients zeroed ends with larger deltas of the penalised tasks."""
+    real, calls = second_order.kfac_delta_penalty, []
+
+    def scaled(scale):
+        def penalty(*args, **kwargs):
+            value, grads = real(*args, **kwargs)
+            calls.append(float(value))
+            return value, {k: scale * g for k, g in grads.items()}
+        return penalty
+
+    norms = {}
+    for scale in (1.0, 0.0):
+        monkeypatch.setattr(second_order, "kfac_delta_penalty", scaled(scale))
+        _, model, _, _ = run("ita", tmp_path / str(scale), strength=1e3, curvature="kfac", penalty_mode=mode)
+        norms[scale] = delta_norms(model)
+    assert len(calls) == 2 * 3 * 2 * 3 and max(calls) > 0  # every optimiser step of both fits
+    for task in (1, 2):  # tasks with past curvature (task 0 has the prior only)
+        assert norms[1.0][task] < norms[0.0][task], (task, norms)

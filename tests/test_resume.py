@@ -36,16 +36,16 @@ class Crash(L.Callback):
             raise Preempted(f"epoch {self.epoch}, batch {self.batch}")
 
 
-def run(algorithm: str, root, crash_epoch: int | None = None, ckpt_path=None, extra=(), **options):
+def run(algorithm: str, root, crash_epoch: int | None = None, ckpt_path=None, extra=(), strength=1.0, **options):
     """A 3-task stream of 2 epochs per task, checkpointed after every epoch; fresh objects every call.
 
-    ``options`` go to the ITA / IEL callback, ``extra`` callbacks run after it.
+    ``strength`` and ``options`` go to the ITA / IEL callback, ``extra`` callbacks run after it.
     """
     L.seed_everything(0, verbose=False)
     data = TaskStreamDataModule("digits", num_tasks=5, epochs_per_task=EPOCHS_PER_TASK, batch_size=32, image_size=16)
     model = IncrementalViT("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY, num_classes=10,
                            classes_per_task=2, epochs_per_task=EPOCHS_PER_TASK, lr=3e-3)
-    callback = ALGORITHMS[algorithm](1.0, rank=2, pretuning=FAST_PRETUNING, head_fisher_samples=16,
+    callback = ALGORITHMS[algorithm](strength, rank=2, pretuning=FAST_PRETUNING, head_fisher_samples=16,
                                      save_dir=str(root), **options)
     evaluation = ContinualEvaluation(output_dir=str(root))
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=-1,

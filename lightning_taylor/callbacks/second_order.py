@@ -11,6 +11,10 @@ One callback runs the whole method on any LightningModule with a timm ViT and a 
   installed) and of the head, resets the optimiser state; then sets the training forward: ``θ0 + τ_t``
   (ITA) or the uniform composition ``θ0 + (1/T) Σ_{s≤t} τ_s`` (IEL);
 - validation and test evaluate the uniform composition of every task seen;
+- with ``curvature="kfac"``, the Kronecker factors ``Ā ⊗ Ḡ`` of every target instead of the diagonal Fisher
+  (same place, same cotangents, same reduction; :mod:`~lightning_taylor.kfac_accumulator`), and the Kronecker
+  form of the penalty (:mod:`~lightning_taylor.kfac_penalties`); ``kfac.safetensors`` instead of
+  ``fisher.safetensors``;
 - ``on_before_optimizer_step`` (once per optimiser step, after accumulation): the penalty, decoupled —
   ``θ ← θ − s · clip(∂R/∂θ)``, ``s`` the schedule's current factor — or coupled (``∂R/∂θ`` added to the
   gradients, exactly as if ``R`` were in the loss);
@@ -605,8 +609,9 @@ class ITA(SecondOrder):
     """Incremental Task Arithmetic: train each delta on its own (``θ0 + τ_t``), penalised by ``F̄_<t``.
 
     Args:
-        alpha: strength ``α`` of ``(α/2) Σ F̄_<t ⊙ τ_t²`` (0.02 on Split CIFAR-100, 5.0 on CropDisease).
-        **kwargs: see :class:`SecondOrder` (head penalty, delta style, Fisher estimator, pre-tuning, …).
+        alpha: strength ``α`` of ``(α/2) Σ F̄_<t ⊙ τ_t²`` (0.02 on Split CIFAR-100, 5.0 on CropDisease); with
+            ``curvature="kfac"`` of ``(α/2) Σ_layers [tr(Ḡ τ_t Ā τ_tᵀ) + ε ‖τ_t‖²]``.
+        **kwargs: see :class:`SecondOrder` (head penalty, delta style, Fisher estimator, curvature, pre-tuning, …).
     """
 
     algorithm = "ita"
@@ -625,7 +630,8 @@ class IEL(SecondOrder):
     """Incremental Ensemble Learning: train the uniform composition, penalise its Jensen gap with ``F̄_≤t``.
 
     Args:
-        beta: strength ``β`` of ``β [½ (1 − 1/T) Σ F̄ τ² − (1/T) Σ F̄ τ P]`` (20 on Split CIFAR-100).
+        beta: strength ``β`` of ``β [½ (1 − 1/T) Σ F̄ τ² − (1/T) Σ F̄ τ P]`` (20 on Split CIFAR-100); with
+            ``curvature="kfac"`` the same with ``Σ F̄ x y`` replaced by ``q(x, y) = Σ tr(Ḡ x Ā yᵀ) + ε ⟨x, y⟩``.
         **kwargs: see :class:`SecondOrder`.
     """
 
