@@ -391,7 +391,7 @@ class SecondOrder(L.Callback):
 
     def _backbone_kfac(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, num_seen: int,
                        loader: DataLoader) -> KroneckerSums:
-        """KFAC sums ``A = Σ a aᵀ``, ``G = Σ g gᵀ`` of the targets at θ0 with the pre-tuned head (:mod:`~lightning_taylor.kfac`).
+        """KFAC sums ``A = Σ a aᵀ``, ``G = Σ g gᵀ`` of the targets at θ0, pre-tuned head (:mod:`~lightning_taylor.kfac`).
 
         As for the diagonal Fisher: over the classes seen so far, each process over its own shard of the
         task's training images, then sums and counts summed over the processes (divided only later).
@@ -530,7 +530,8 @@ class SecondOrder(L.Callback):
                       metadata=curvature_meta)
             save_file({k: v.contiguous() for k, v in self.pretuned_head.items()},
                       os.path.join(directory, "pretuned_head.safetensors"))
-            show(trainer, f"[{self.algorithm.upper()}] deltas, {curvature_file} and pre-tuned head saved in {directory}")
+            show(trainer, f"[{self.algorithm.upper()}] deltas, {curvature_file} and pre-tuned head saved in "
+                          f"{directory}")
 
     def _curvature_file(self) -> tuple[str, dict[str, Tensor], dict[str, str]]:
         """File name, tensors and metadata of the curvature over all tasks, written at the end of ``fit``.
