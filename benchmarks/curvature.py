@@ -14,6 +14,19 @@ training images of the whole stream, it compares three quadratic forms of each t
 
 and prints each approximation's ratio to the exact form (1 = exact; the forms are per-example means, no
 prior). The same for a random direction of the same norm per layer, as a control.
+
+Cost, in one process, KFAC against the diagonal (ratios; float32 as in training):
+
+    python benchmarks/curvature.py runs/digits/ita/version_0 --cost --examples 256
+    python benchmarks/curvature.py --penalty-model vit_base_patch16_224 --rank 16
+
+``--cost`` times the part of a task boundary that differs (the backbone curvature pass at θ0 with the run's
+pre-tuned head: :func:`~lightning_taylor.fisher.diagonal_fisher` against
+:func:`~lightning_taylor.kfac.kronecker_sums`, same images, estimator ``exact`` and ``mc``) and the per-step
+penalty (:func:`~lightning_taylor.penalties.delta_penalty` against
+:func:`~lightning_taylor.kfac_penalties.kfac_delta_penalty`, ITA and IEL) of the run's last task.
+``--penalty-model`` times the per-step penalty alone for a timm model with random weights, LoRA deltas
+and random factors (the cost does not depend on the values), e.g. at the size of the paper's ViT-B/16.
 """
 
 from __future__ import annotations
@@ -21,6 +34,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -32,8 +46,11 @@ from torch.func import functional_call, jvp  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
+from lightning_taylor.deltas import TaskDeltas  # noqa: E402
 from lightning_taylor.fisher import diagonal_fisher  # noqa: E402
 from lightning_taylor.kfac import kronecker_sums, quadratic  # noqa: E402
+from lightning_taylor.kfac_penalties import kfac_delta_penalty, prepare_curvature  # noqa: E402
+from lightning_taylor.penalties import delta_penalty  # noqa: E402
 from lightning_taylor.run import load_run  # noqa: E402
 
 
@@ -54,24 +71,120 @@ def ggn_form(model: torch.nn.Module, batches: list, tangents: dict[str, torch.Te
     return total / count
 
 
+def best_time(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``fn`` (seconds): the least disturbed by other processes."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def penalty_times(deltas: TaskDeltas, factors: dict, steps: int, repeats: int) -> dict[str, tuple[float, float]]:
+    """Per-step seconds of the diagonal and the KFAC penalty (value and slot gradients), ITA and IEL.
+
+    ``factors`` are ``{layer: [(Ā, Ḡ)]}``; the diagonal penalty gets a positive ``F̄`` of the weights' shapes.
+    """
+    fisher = {f"{name}.weight": torch.rand_like(linear.weight) for name, _, linear in deltas.layers()}
+    out = {}
+    for algorithm in ("ita", "iel"):
+        prepared = prepare_curvature(deltas, factors, algorithm, 1e-5, torch.device("cpu"))
+
+        def diagonal() -> None:
+            for _ in range(steps):
+                delta_penalty(deltas, fisher, algorithm, 1.0)
+
+        def kfac() -> None:
+            for _ in range(steps):
+                kfac_delta_penalty(deltas, prepared, algorithm, 1.0)
+
+        out[algorithm] = (best_time(diagonal, repeats) / steps, best_time(kfac, repeats) / steps)
+    return out
+
+
+def print_penalty_times(times: dict[str, tuple[float, float]]) -> None:
+    print("| penalty step | diagonal (ms) | KFAC (ms) | KFAC / diagonal |")
+    print("|---|---|---|---|")
+    for algorithm, (diagonal, kfac) in times.items():
+        print(f"| {algorithm.upper()} | {1e3 * diagonal:.3f} | {1e3 * kfac:.3f} | {kfac / diagonal:.2f} |")
+
+
+def penalty_model(args: argparse.Namespace) -> None:
+    """``--penalty-model``: the per-step penalty of a timm model with random weights and random factors."""
+    import timm
+
+    model = timm.create_model(args.penalty_model, pretrained=False).eval().requires_grad_(False)
+    deltas = TaskDeltas(model, rank=args.rank)
+    for task in range(3):  # two banked tasks, so that IEL has a past sum
+        deltas.begin_task(task)
+        with torch.no_grad():
+            for p in deltas.slot_parameters():
+                p.normal_(0, 0.01)
+    generator = torch.Generator().manual_seed(0)
+
+    def spd(n: int) -> torch.Tensor:
+        return torch.eye(n) + 0.01 * torch.randn(n, n, generator=generator).square()
+
+    factors = {name: [(spd(linear.in_features), spd(linear.out_features))] for name, _, linear in deltas.layers()}
+    print(f"{args.penalty_model}: {len(deltas.names)} LoRA targets, rank {args.rank} (qkv {3 * args.rank}), "
+          f"{args.threads} thread(s), float32")
+    print_penalty_times(penalty_times(deltas, factors, args.steps, args.repeats))
+
+
+def cost(run, batches: list, args: argparse.Namespace) -> None:
+    """``--cost``: the backbone curvature pass and the per-step penalty, KFAC against the diagonal."""
+    model, deltas = run.model, run.deltas
+    names = deltas.names
+    weights = [f"backbone.{n}.weight" for n in names]
+    layers = [f"backbone.{n}" for n in names]
+    print(f"{args.run}: {sum(len(x) for x, _ in batches)} training images, {len(names)} target layers, "
+          f"{args.threads} thread(s), float32, best of {args.repeats}")
+    print("| boundary pass (θ0, pre-tuned head) | diagonal (s) | KFAC expand (s) | KFAC / diagonal |")
+    print("|---|---|---|---|")
+    with deltas.disabled():
+        for estimator in ("exact", "mc"):
+            diagonal = best_time(lambda: diagonal_fisher(model, batches, weights, estimator=estimator,
+                                                         generator=torch.Generator().manual_seed(0)), args.repeats)
+            kfac = best_time(lambda: kronecker_sums(model, batches, layers, estimator=estimator,
+                                                    generator=torch.Generator().manual_seed(0)), args.repeats)
+            print(f"| {estimator} | {diagonal:.2f} | {kfac:.2f} | {kfac / diagonal:.2f} |")
+        factors = {n[len("backbone."):]: [pair] for n, pair in kronecker_sums(model, batches, layers).factors().items()}
+    print_penalty_times(penalty_times(deltas, factors, args.steps, args.repeats))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("run", help="a finished ITA / IEL run directory")
+    parser.add_argument("run", nargs="?", help="a finished ITA / IEL run directory")
     parser.add_argument("--examples", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--cost", action="store_true", help="time KFAC against the diagonal instead")
+    parser.add_argument("--penalty-model", help="time the per-step penalty of this timm model (no run needed)")
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank for --penalty-model")
+    parser.add_argument("--steps", type=int, default=20, help="penalty steps per timing")
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.penalty_model:
+        penalty_model(args)
+        return
+    if args.run is None:
+        parser.error("a run directory is needed (or --penalty-model)")
     run = load_run(args.run)
-    model, deltas, data = run.model.double(), run.deltas, run.datamodule
+    model, deltas, data = run.model, run.deltas, run.datamodule
     head = model.head
     head.load_state_dict({k: v.to(head.weight) for k, v in
                           load_file(os.path.join(run.run_dir, "pretuned_head.safetensors")).items()})
     dataset = data.tasks_dataset(range(data.num_tasks), "train")
     generator = torch.Generator().manual_seed(0)
     index = torch.randperm(len(dataset), generator=generator)[: args.examples].tolist()
-    batches = [(x.double(), y) for x, y in DataLoader(torch.utils.data.Subset(dataset, index),
-                                                       batch_size=args.batch_size)]
+    batches = list(DataLoader(torch.utils.data.Subset(dataset, index), batch_size=args.batch_size))
+    if args.cost:
+        cost(run, batches, args)
+        return
+    model = model.double()
+    batches = [(x.double(), y) for x, y in batches]
     names = deltas.names
     weights = [f"backbone.{n}.weight" for n in names]
     with deltas.disabled():

@@ -53,6 +53,11 @@ class KroneckerSums:
     estimator: str = "exact"
     approx: str = "expand"
 
+    @property
+    def sums(self) -> dict[str, Tensor]:
+        """Every sum by name, ``"<layer>.A"`` and ``"<layer>.G"`` (like ``FisherSums.sums``: for checks and files)."""
+        return {**{f"{k}.A": v for k, v in self.inputs.items()}, **{f"{k}.G": v for k, v in self.grads.items()}}
+
     def factors(self) -> dict[str, tuple[Tensor, Tensor]]:
         """``{layer: (Ā, Ḡ)}``, the per-example means ``A / (n·s)`` and ``G / n``."""
         if self.count < 1:
@@ -95,8 +100,9 @@ def kronecker_sums(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], l
                    generator: torch.Generator | None = None) -> KroneckerSums:
     """``A`` and ``G`` sums of the ``nn.Linear`` modules ``layers`` of ``model`` (a classifier of logits ``B × C``).
 
-    Each batch is ``(x, y)``; ``y`` is used by ``empirical`` only. The model runs in its current mode; its
-    parameters need not require grad (the graph starts at the layers' outputs).
+    Each batch is ``(x, y)``; ``y`` is used by ``empirical`` only. The model runs in eval mode, as for the
+    diagonal Fisher (its mode is restored after); its parameters need not require grad (the graph starts at
+    the layers' outputs).
     """
     check_choice("estimator", estimator, ("exact", "mc", "empirical"))
     check_choice("approx", approx, ("expand", "reduce"))
@@ -118,6 +124,8 @@ def kronecker_sums(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], l
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
+    was_training = model.training
+    model.eval()  # dropout off: the curvature of the deterministic network at θ0
     try:
         for x, y in batches:
             captured.clear()
@@ -143,6 +151,7 @@ def kronecker_sums(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], l
                 _add(result.inputs, name, a.T @ a)
             result.count += int(x.shape[0])
     finally:
+        model.train(was_training)
         for handle in handles:
             handle.remove()
     return result

@@ -4,7 +4,8 @@
 
 Lightning launches the other ranks itself (``strategy="ddp"``), or torchrun does
 (``torchrun --nproc_per_node 2 tests/ddp_job.py OUT --devices 2 ...``). Every rank writes what it holds at
-the end — deltas, head, Fisher, pre-tuned head, accuracy matrix — to ``OUT/rank<r>.pt``.
+the end — deltas, head, Fisher (or with ``--curvature kfac`` the KFAC sums), pre-tuned head, accuracy
+matrix — to ``OUT/rank<r>.pt``.
 """
 
 from __future__ import annotations
@@ -23,14 +24,15 @@ from lightning_taylor.module import IncrementalViT
 TASKS = 3
 
 
-def run(out: Path, devices: int, batch_size: int) -> None:
+def run(out: Path, devices: int, batch_size: int, curvature: str = "diagonal", kfac_tasks: str = "merged") -> None:
     torch.set_num_threads(1)  # two processes share two cores
     L.seed_everything(0, verbose=False)
     data = TaskStreamDataModule("digits", num_tasks=5, epochs_per_task=1, batch_size=batch_size)
     model = IncrementalViT("vit_tiny_patch16_224", pretrained="embedded", num_classes=10,
                            classes_per_task=2, epochs_per_task=1, lr=3e-4)
     pretuning = PreTuning(probe_epochs=1, align_epochs=2, align_epochs_per_task=1, samples_per_class=32)
-    ita = ITA(1.0, rank=2, pretuning=pretuning, head_fisher_samples=16, fisher_batch_size=16, save_dir=str(out))
+    ita = ITA(1.0, rank=2, pretuning=pretuning, head_fisher_samples=16, fisher_batch_size=16, save_dir=str(out),
+              curvature=curvature, kfac_tasks=kfac_tasks)
     evaluation = ContinualEvaluation(output_dir=str(out))
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                         max_epochs=TASKS, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0,
@@ -41,8 +43,9 @@ def run(out: Path, devices: int, batch_size: int) -> None:
         "world_size": trainer.world_size,
         "deltas": model.task_deltas.state_dict(),
         "head": model.head.state_dict(),
-        "fisher": ita.accumulator.curvature(include_current=True),
-        "fisher_count": ita.accumulator.past_count + ita.accumulator.current_count,
+        **({"fisher": ita.accumulator.curvature(include_current=True),
+            "fisher_count": ita.accumulator.past_count + ita.accumulator.current_count} if curvature == "diagonal" else
+           {"kfac": [{"sums": sums.sums, "count": sums.count} for sums in ita.accumulator.stored()]}),
         "pretuned": ita.pretuned_head,
         "matrix": evaluation.matrices["class_il"].rows,
     }
@@ -54,6 +57,8 @@ if __name__ == "__main__":
     parser.add_argument("out", type=Path)
     parser.add_argument("--devices", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--curvature", default="diagonal", choices=("diagonal", "kfac"))
+    parser.add_argument("--kfac-tasks", default="merged", choices=("merged", "per_task"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    run(args.out, args.devices, args.batch_size)
+    run(args.out, args.devices, args.batch_size, args.curvature, args.kfac_tasks)

@@ -27,11 +27,12 @@ LAUNCH = {
 }
 
 
-def launch(how: str, out: Path) -> list[dict]:
+def launch(how: str, out: Path, *options: str) -> list[dict]:
+    """Run tests/ddp_job.py (``options``: more of its arguments) and load every rank's state."""
     devices, batch_size = (1, 32) if how == "one process" else (2, 16)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run([*LAUNCH[how], str(out), "--devices", str(devices), "--batch-size", str(batch_size)],
-                            env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run([*LAUNCH[how], str(out), "--devices", str(devices), "--batch-size", str(batch_size),
+                             *options], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     return [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(devices)]
 

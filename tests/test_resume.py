@@ -36,18 +36,21 @@ class Crash(L.Callback):
             raise Preempted(f"epoch {self.epoch}, batch {self.batch}")
 
 
-def run(algorithm: str, root, crash_epoch: int | None = None, ckpt_path=None):
-    """A 3-task stream of 2 epochs per task, checkpointed after every epoch; fresh objects every call."""
+def run(algorithm: str, root, crash_epoch: int | None = None, ckpt_path=None, extra=(), strength=1.0, **options):
+    """A 3-task stream of 2 epochs per task, checkpointed after every epoch; fresh objects every call.
+
+    ``strength`` and ``options`` go to the ITA / IEL callback, ``extra`` callbacks run after it.
+    """
     L.seed_everything(0, verbose=False)
     data = TaskStreamDataModule("digits", num_tasks=5, epochs_per_task=EPOCHS_PER_TASK, batch_size=32, image_size=16)
     model = IncrementalViT("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY, num_classes=10,
                            classes_per_task=2, epochs_per_task=EPOCHS_PER_TASK, lr=3e-3)
-    callback = ALGORITHMS[algorithm](1.0, rank=2, pretuning=FAST_PRETUNING, head_fisher_samples=16,
-                                     save_dir=str(root))
+    callback = ALGORITHMS[algorithm](strength, rank=2, pretuning=FAST_PRETUNING, head_fisher_samples=16,
+                                     save_dir=str(root), **options)
     evaluation = ContinualEvaluation(output_dir=str(root))
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=-1,
                                   save_on_train_epoch_end=True)
-    callbacks = [callback, evaluation, checkpoints] + ([] if crash_epoch is None else [Crash(crash_epoch)])
+    callbacks = [callback, *extra, evaluation, checkpoints] + ([] if crash_epoch is None else [Crash(crash_epoch)])
     trainer = L.Trainer(max_epochs=TASKS * EPOCHS_PER_TASK, reload_dataloaders_every_n_epochs=1,
                         check_val_every_n_epoch=EPOCHS_PER_TASK, num_sanity_val_steps=0, limit_train_batches=3,
                         enable_progress_bar=False, logger=False, enable_model_summary=False,

@@ -8,7 +8,8 @@ would mix two methods in one run. So the callback's checkpoint state holds a *re
   ``classes_per_task`` (``task_sizes`` instead when the tasks differ in size), ``epochs_per_task`` (each as
   far as the DataModule / LightningModule state it);
 - the method: ``algorithm``, ``strength``, ``style``, ``rank``, ``qkv_rank_factor``, ``targets``,
-  ``fisher_estimator`` (with its ``fisher_samples`` / ``fisher_top_k`` where they matter), ``penalty_mode``.
+  ``fisher_estimator`` (with its ``fisher_samples`` / ``fisher_top_k`` where they matter), ``penalty_mode``,
+  ``curvature`` (with ``kfac_approx`` and ``kfac_tasks`` for KFAC).
 
 :func:`check_record` refuses a resume whose record differs, naming the field and both values; a changed
 ``strength`` alone is accepted when the callback was built with ``allow_strength_change=True``.
@@ -32,6 +33,8 @@ STREAM_FIELDS = ("dataset", "num_classes", "class_names", "class_order", "num_ta
                  "epochs_per_task")
 _RESUME_HINT = ("Resume with the settings the run was trained with, or start a new run (another "
                 "`trainer.default_root_dir` or logger version).")
+#: Method fields added after the first checkpoints were written, with the value those were trained with.
+_RECORD_DEFAULTS = {"curvature": "diagonal", "head_init": "random"}
 _SLOT_STYLES = {"lora_A": "lora", "lora_B": "lora", "delta": "full", "scale": "ia3"}
 
 
@@ -66,7 +69,7 @@ def check_record(recorded: Mapping[str, Any], current: Mapping[str, Any], allow_
                  checkpoint: str | None) -> None:
     """Refuse a resume whose stream or method differs from the recorded one (fields known to both)."""
     source = f"checkpoint {checkpoint}" if checkpoint else "the checkpoint"
-    for name, value in recorded.items():
+    for name, value in {**_RECORD_DEFAULTS, **recorded}.items():
         if name not in current or _plain(current[name]) == value:
             continue
         if name == "strength" and allow_strength_change:

@@ -11,6 +11,10 @@ One callback runs the whole method on any LightningModule with a timm ViT and a 
   installed) and of the head, resets the optimiser state; then sets the training forward: ``θ0 + τ_t``
   (ITA) or the uniform composition ``θ0 + (1/T) Σ_{s≤t} τ_s`` (IEL);
 - validation and test evaluate the uniform composition of every task seen;
+- with ``curvature="kfac"``, the Kronecker factors ``Ā ⊗ Ḡ`` of every target instead of the diagonal Fisher
+  (same place, same cotangents, same reduction; :mod:`~lightning_taylor.kfac_accumulator`), and the Kronecker
+  form of the penalty (:mod:`~lightning_taylor.kfac_penalties`); ``kfac.safetensors`` instead of
+  ``fisher.safetensors``;
 - ``on_before_optimizer_step`` (once per optimiser step, after accumulation): the penalty, decoupled —
   ``θ ← θ − s · clip(∂R/∂θ)``, ``s`` the schedule's current factor — or coupled (``∂R/∂θ`` added to the
   gradients, exactly as if ``R`` were in the loss);
@@ -66,6 +70,9 @@ from lightning_taylor.deltas import DeltaStyle, TaskDeltas, save_deltas
 from lightning_taylor.editing import uniform
 from lightning_taylor.finite import check_finite, flatten_tensors
 from lightning_taylor.fisher import Estimator, FisherAccumulator, diagonal_fisher
+from lightning_taylor.kfac import KFACApprox, KroneckerSums, kronecker_sums
+from lightning_taylor.kfac_accumulator import KFACTasks, KroneckerAccumulator, check_factor_memory
+from lightning_taylor.kfac_penalties import kfac_delta_penalty, prepare_curvature
 from lightning_taylor.penalties import Algorithm, decoupled_step, delta_penalty, head_penalty
 from lightning_taylor.precision import full_precision
 from lightning_taylor.seeding import mix, run_seed
@@ -74,6 +81,7 @@ log = logging.getLogger(__name__)
 
 PenaltyMode = Literal["decoupled", "coupled"]
 HeadInit = Literal["random", "pretuned"]
+Curvature = Literal["diagonal", "kfac"]
 
 
 class _SeenLogits(nn.Module):
@@ -120,7 +128,17 @@ class SecondOrder(L.Callback):
         fisher_samples: sampled labels per example for ``"mc"``.
         fisher_top_k: classes kept by ``"topk"``.
         fisher_batch_size: batch size of the task-boundary passes (features and Fisher).
-        prior: ε added to every mean Fisher.
+        prior: ε added to every mean Fisher (KFAC: the ``ε ‖τ‖²`` added to the Kronecker form).
+        curvature: ``"diagonal"`` (the diagonal Fisher ``F̄``, docs/method.md §3) or ``"kfac"`` (per target
+            layer ``Ā ⊗ Ḡ``, ``Ā`` from the layer's inputs, ``Ḡ`` from the same cotangents as the diagonal
+            Fisher, at θ0 with the pre-tuned head; penalty ``(α/2) Σ_layers tr(Ḡ τ Ā τᵀ) + ε ‖τ‖²`` and IEL's
+            Jensen gap in the same form, :mod:`lightning_taylor.kfac_penalties`). KFAC supports the ``exact``,
+            ``mc`` and ``empirical`` estimators and stores ``in² + out²`` numbers per layer and pair.
+        kfac_approx: KFAC's treatment of the token dimension: ``"expand"`` (every token an example) or
+            ``"reduce"`` (tokens averaged / summed first), see :mod:`lightning_taylor.kfac`.
+        kfac_tasks: how past tasks' factors combine: ``"merged"`` (one pair, KFAC of the pooled examples;
+            constant memory) or ``"per_task"`` (one pair per task, the exact sum of Kronecker products;
+            memory and penalty cost grow with the number of tasks), see :mod:`lightning_taylor.kfac_accumulator`.
         pretuning: head pre-tuning settings (docs/method.md §5).
         head_fisher_samples: synthetic features per class for the head's Fisher.
         seed: seeds the slot initialisation, pre-tuning and synthetic features (identical on every rank);
@@ -158,6 +176,9 @@ class SecondOrder(L.Callback):
         fisher_top_k: int = 10,
         fisher_batch_size: int = 32,
         prior: float = 1e-5,
+        curvature: Curvature = "diagonal",
+        kfac_approx: KFACApprox = "expand",
+        kfac_tasks: KFACTasks = "merged",
         pretuning: PreTuning = PreTuning(),  # noqa: B008 (a frozen-by-convention settings record)
         head_fisher_samples: int = 256,
         seed: int | None = None,
@@ -181,6 +202,12 @@ class SecondOrder(L.Callback):
         check_positive_int("fisher_samples", fisher_samples)
         check_positive_int("fisher_top_k", fisher_top_k)
         check_non_negative("prior", prior)
+        check_choice("curvature", curvature, ("diagonal", "kfac"))
+        check_choice("kfac_approx", kfac_approx, ("expand", "reduce"))
+        check_choice("kfac_tasks", kfac_tasks, ("merged", "per_task"))
+        if curvature == "kfac" and fisher_estimator == "topk":
+            raise expected("fisher_estimator", "'exact', 'mc' or 'empirical' with `curvature: kfac`", fisher_estimator,
+                           "KFAC's factors have no top-k truncation.")
         check_choice("style", style, ("lora", "full", "ia3"))
         check_positive_int("rank", rank)
         check_positive_int("qkv_rank_factor", qkv_rank_factor)
@@ -201,6 +228,8 @@ class SecondOrder(L.Callback):
         self.penalty_mode, self.max_grad_norm = penalty_mode, float(max_grad_norm)
         self.fisher_config = dict(estimator=fisher_estimator, samples=fisher_samples, top_k=fisher_top_k)
         self.fisher_batch_size, self.prior = fisher_batch_size, prior
+        # The stored names avoid `curvature`, the method that gives the diagonal penalty's F̄.
+        self.curvature_type, self.kfac_approx, self.kfac_tasks = curvature, kfac_approx, kfac_tasks
         self.pretuning = pretuning
         if seed is not None:
             check_non_negative_int("seed", seed)
@@ -213,11 +242,12 @@ class SecondOrder(L.Callback):
         self.record: dict[str, Any] = {}  # the stream and method of this fit (set up in `setup`)
         # State carried by checkpoints (see state_dict).
         self.task = -1
-        self.accumulator = FisherAccumulator(prior)
+        self.accumulator = FisherAccumulator(prior) if curvature == "diagonal" else KroneckerAccumulator(kfac_tasks)
         self.mixtures: ClassMixtures | None = None
         self.pretuned_head: dict[str, Tensor] = {}
         self.head_curvature: dict[str, Tensor] = {}
-        self._curvature: dict[str, Tensor] | None = None  # derived from the accumulator, on the device
+        # Derived from the accumulator, on the device: F̄ (diagonal) or the prepared Kronecker terms (kfac).
+        self._curvature: dict[str, Any] | None = None
 
     # -- set-up ---------------------------------------------------------------------------------------
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -248,7 +278,14 @@ class SecondOrder(L.Callback):
         return {"algorithm": self.algorithm, "strength": self.strength, "style": config["style"],
                 "rank": config["rank"], "qkv_rank_factor": config["qkv_rank_factor"],
                 "targets": list(deltas.targets), "penalty_mode": self.penalty_mode, "head_init": self.head_init,
-                **{k: (int(v) if k != "fisher_estimator" else v) for k, v in fisher.items()}}
+                **{k: (int(v) if k != "fisher_estimator" else v) for k, v in fisher.items()},
+                **self._curvature_record()}
+
+    def _curvature_record(self) -> dict[str, str]:
+        """The curvature and, for KFAC, the settings that define its factors (part of the resume record)."""
+        if self.curvature_type == "diagonal":
+            return {"curvature": "diagonal"}
+        return {"curvature": "kfac", "kfac_approx": self.kfac_approx, "kfac_tasks": self.kfac_tasks}
 
     def model(self, pl_module: L.LightningModule) -> Classifier:
         """Backbone and head of ``pl_module`` (looked up on every call: the callback holds no module)."""
@@ -338,6 +375,8 @@ class SecondOrder(L.Callback):
 
     def _backbone_fisher(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, num_seen: int,
                          loader: DataLoader):
+        if self.curvature_type == "kfac":
+            return self._backbone_kfac(trainer, pl_module, task, num_seen, loader)
         deltas, model = self._deltas(pl_module), self.model(pl_module)
         head = model.head
         trained_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
@@ -366,6 +405,49 @@ class SecondOrder(L.Callback):
         show(trainer, f"[{self.algorithm.upper()}] Fisher ({fisher.estimator}) over {fisher.count} examples")
         return fisher
 
+    def _backbone_kfac(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, num_seen: int,
+                       loader: DataLoader) -> KroneckerSums:
+        """KFAC sums ``A = Σ a aᵀ``, ``G = Σ g gᵀ`` of the targets at θ0, pre-tuned head (:mod:`~lightning_taylor.kfac`).
+
+        As for the diagonal Fisher: over the classes seen so far, each process over its own shard of the
+        task's training images, then sums and counts summed over the processes (divided only later).
+        """
+        deltas, model = self._deltas(pl_module), self.model(pl_module)
+        self._check_kfac_memory(pl_module, task)
+        head = model.head
+        trained_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
+        head.load_state_dict({k: v.to(head.weight) for k, v in self.pretuned_head.items()})
+        shard = _shard(loader, trainer.global_rank, trainer.world_size)
+        batches = ((batch[0].to(pl_module.device), batch[1].to(pl_module.device)) for batch in shard)
+        config = self.fisher_config
+        # `mc` draws its labels from a generator of its own: reproducible, and independent across ranks.
+        generator = torch.Generator().manual_seed(mix(mix(self.seed, task), trainer.global_rank))
+        try:
+            with deltas.disabled():
+                sums = kronecker_sums(_SeenLogits(model, num_seen), batches,
+                                      [f"model.backbone.{name}" for name in deltas.names], config["estimator"],
+                                      self.kfac_approx, config["samples"], generator)
+        finally:
+            head.load_state_dict(trained_head)
+        sums.all_reduce()  # every rank reaches this collective; sums and counts, divided later
+        strip = len("model.backbone.")
+        sums.inputs = {name[strip:]: value for name, value in sums.inputs.items()}
+        sums.grads = {name[strip:]: value for name, value in sums.grads.items()}
+        show(trainer, f"[{self.algorithm.upper()}] KFAC ({sums.approx}, {sums.estimator}) over {sums.count} examples")
+        return sums
+
+    def _check_kfac_memory(self, pl_module: L.LightningModule, task: int) -> None:
+        """Refuse, before computing them, factors that would not fit the device (``InputError`` on ``curvature``).
+
+        A task adds its sums and the penalty's means; merged, a transient pooled pair (3 pairs), per task,
+        one mean pair per task (``task + 2`` pairs).
+        """
+        deltas = self._deltas(pl_module)
+        weights = [linear.weight for _, _, linear in deltas.layers()]
+        shapes = {name: tuple(linear.weight.shape) for name, _, linear in deltas.layers()}
+        pairs = 3 if self.kfac_tasks == "merged" else task + 2
+        check_factor_memory(shapes, pairs, weights[0].dtype, weights[0].device, self.kfac_tasks)
+
     def _head_fisher_classes(self, task_classes: range) -> range:
         """Classes whose synthetic features give the head's Fisher, given the current task's classes:
         tasks ≤ t (ITA), < t (IEL)."""
@@ -391,13 +473,23 @@ class SecondOrder(L.Callback):
             self._curvature = {k: v.to(device) for k, v in mean.items()}
         return self._curvature
 
+    def _delta_penalty(self, pl_module: L.LightningModule) -> tuple[Tensor, dict[str, Tensor]]:
+        """The current slot's penalty and its gradients, with the diagonal Fisher or the Kronecker factors."""
+        deltas = self._deltas(pl_module)
+        if self.curvature_type == "diagonal":
+            return delta_penalty(deltas, self.curvature(pl_module.device), self.algorithm, self.strength)
+        if self._curvature is None:  # once per task (reset at every boundary and on load): C, M, the means
+            factors = self.accumulator.factors(include_current=self.algorithm == "iel")
+            self._curvature = prepare_curvature(deltas, factors, self.algorithm, self.prior, pl_module.device)
+        return kfac_delta_penalty(deltas, self._curvature, self.algorithm, self.strength)
+
     def on_before_backward(self, trainer: L.Trainer, pl_module: L.LightningModule, loss: Tensor) -> None:
         self.guard.add_loss(loss)
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         deltas = self._deltas(pl_module)
         params = {f"task_deltas.{k}": v for k, v in deltas.named_parameters()}
-        value, grads = delta_penalty(deltas, self.curvature(pl_module.device), self.algorithm, self.strength)
+        value, grads = self._delta_penalty(pl_module)
         grads = {f"task_deltas.{k}": v for k, v in grads.items()}
         head = self.model(pl_module).head
         with full_precision():  # like delta_penalty: float32 master weights, autocast off
@@ -443,21 +535,47 @@ class SecondOrder(L.Callback):
         deltas.bank()
         directory = self.save_dir or trainer.log_dir or trainer.default_root_dir
         if trainer.is_global_zero and directory:
-            fisher = self.accumulator.curvature(include_current=True)
-            for tensors, what in ((deltas.state_dict(), "the deltas"), (fisher, "the Fisher"),
+            curvature_file, curvature, curvature_meta = self._curvature_file()
+            for tensors, what in ((deltas.state_dict(), "the deltas"), (curvature, f"the {curvature_file} curvature"),
                                   (self.pretuned_head, "the pre-tuned head")):
                 check_finite(tensors, f"{what} to be saved in {directory}", "Nothing was written.")
             os.makedirs(directory, exist_ok=True)
             meta = {"algorithm": self.algorithm, "strength": str(self.strength), "penalty_mode": self.penalty_mode}
             save_deltas(deltas, os.path.join(directory, "deltas.safetensors"), metadata=meta)
-            save_file({k: v.contiguous().cpu() for k, v in fisher.items()}, os.path.join(directory, "fisher.safetensors"),
-                      metadata={"kind": "mean diagonal Fisher at θ0 over all tasks, prior included",
-                                "estimators": ",".join(self.accumulator.estimators), "prior": str(self.prior),
-                                "examples": str(self.accumulator.past_count + self.accumulator.current_count),
-                                **self._fisher_settings()})
+            save_file({k: v.contiguous().cpu() for k, v in curvature.items()}, os.path.join(directory, curvature_file),
+                      metadata=curvature_meta)
             save_file({k: v.contiguous() for k, v in self.pretuned_head.items()},
                       os.path.join(directory, "pretuned_head.safetensors"))
-            show(trainer, f"[{self.algorithm.upper()}] deltas, Fisher and pre-tuned head saved in {directory}")
+            show(trainer, f"[{self.algorithm.upper()}] deltas, {curvature_file} and pre-tuned head saved in "
+                          f"{directory}")
+
+    def _curvature_file(self) -> tuple[str, dict[str, Tensor], dict[str, str]]:
+        """File name, tensors and metadata of the curvature over all tasks, written at the end of ``fit``.
+
+        ``fisher.safetensors``: the mean diagonal Fisher, prior included. ``kfac.safetensors``: the per-example
+        means ``<layer>.A`` (Ā, in × in) and ``<layer>.G`` (Ḡ, out × out) of the pooled tasks (``merged``),
+        or ``<layer>.A.task<t>`` / ``<layer>.G.task<t>`` per task (``per_task``: the curvature is
+        ``Σ_t (n_t / N) Ā_t ⊗ Ḡ_t`` with the counts ``n_t`` of the metadata); the prior is not in the factors.
+        """
+        accumulator = self.accumulator
+        if self.curvature_type == "diagonal":
+            return "fisher.safetensors", accumulator.curvature(include_current=True), {
+                "kind": "mean diagonal Fisher at θ0 over all tasks, prior included",
+                "estimators": ",".join(accumulator.estimators), "prior": str(self.prior),
+                "examples": str(accumulator.past_count + accumulator.current_count), **self._fisher_settings()}
+        stored = accumulator.stored()
+        tasks = [str(r["task"]) for r in accumulator.records]
+        tensors: dict[str, Tensor] = {}
+        for task, sums in zip(tasks if self.kfac_tasks == "per_task" else [None], stored):
+            suffix = "" if task is None else f".task{task}"
+            for name, (a, g) in sums.factors().items():
+                tensors[f"{name}.A{suffix}"], tensors[f"{name}.G{suffix}"] = a, g
+        return "kfac.safetensors", tensors, {
+            "kind": f"KFAC factors (per-example means) at θ0, {self.kfac_tasks}; prior not included",
+            "approximation": self.kfac_approx, "tasks_combined": self.kfac_tasks, "prior": str(self.prior),
+            "estimators": ",".join(r["estimator"] for r in accumulator.records), "tasks": ",".join(tasks),
+            "counts": ",".join(str(r["count"]) for r in accumulator.records), "examples": str(accumulator.count),
+            "tokens": str(stored[0].tokens), **self._fisher_settings()}
 
     def _fisher_settings(self) -> dict[str, str]:
         """The estimator and the settings that matter for it (recorded with every saved Fisher)."""
@@ -508,8 +626,9 @@ class ITA(SecondOrder):
     """Incremental Task Arithmetic: train each delta on its own (``θ0 + τ_t``), penalised by ``F̄_<t``.
 
     Args:
-        alpha: strength ``α`` of ``(α/2) Σ F̄_<t ⊙ τ_t²`` (0.02 on Split CIFAR-100, 5.0 on CropDisease).
-        **kwargs: see :class:`SecondOrder` (head penalty, delta style, Fisher estimator, pre-tuning, …).
+        alpha: strength ``α`` of ``(α/2) Σ F̄_<t ⊙ τ_t²`` (0.02 on Split CIFAR-100, 5.0 on CropDisease); with
+            ``curvature="kfac"`` of ``(α/2) Σ_layers [tr(Ḡ τ_t Ā τ_tᵀ) + ε ‖τ_t‖²]``.
+        **kwargs: see :class:`SecondOrder` (head penalty, delta style, Fisher estimator, curvature, pre-tuning, …).
     """
 
     algorithm = "ita"
@@ -528,7 +647,8 @@ class IEL(SecondOrder):
     """Incremental Ensemble Learning: train the uniform composition, penalise its Jensen gap with ``F̄_≤t``.
 
     Args:
-        beta: strength ``β`` of ``β [½ (1 − 1/T) Σ F̄ τ² − (1/T) Σ F̄ τ P]`` (20 on Split CIFAR-100).
+        beta: strength ``β`` of ``β [½ (1 − 1/T) Σ F̄ τ² − (1/T) Σ F̄ τ P]`` (20 on Split CIFAR-100); with
+            ``curvature="kfac"`` the same with ``Σ F̄ x y`` replaced by ``q(x, y) = Σ tr(Ḡ x Ā yᵀ) + ε ⟨x, y⟩``.
         **kwargs: see :class:`SecondOrder`.
     """
 
