@@ -12,6 +12,16 @@ final class-IL and task-IL average accuracy of four models that cross the two ba
 "θ0 + h̃" is the linear-probe baseline. A gap between class-IL and task-IL accuracy is the head's calibration
 *across* tasks; the last table shows it directly: for the test images of each task, the share predicted
 into each task's classes (rows: true task, columns: predicted task), for the run's own model.
+
+``--logits`` adds, for the trained head on θ0 and on the composition, the mean over every test image of the
+largest logit among each task's rows (a task whose rows give larger logits on *every* image wins class-IL).
+
+``--align`` re-aligns the trained head after the fact (``align_head``, the pre-tuning's step 4, 30 epochs) on
+synthetic features drawn from class mixtures of the *composed* model's features of the training images, two ways:
+
+- ``per task``: task t's classes from the composition of tasks 0..t (what an end-of-task alignment could see in
+  a stream: each delta is fixed once its task ends, so this is exact for ITA and IEL);
+- ``oracle``: every class from the final composition (needs every task's data at the end: an upper bound).
 """
 
 from __future__ import annotations
@@ -27,6 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from torch.utils.data import DataLoader  # noqa: E402
+
+from lightning_taylor.alignment import align_head, fit_class_mixtures  # noqa: E402
 from lightning_taylor.editing import uniform  # noqa: E402
 from lightning_taylor.evaluation import accuracies, eval_loader, predict  # noqa: E402
 from lightning_taylor.run import load_run  # noqa: E402
@@ -36,6 +49,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", help="run directories")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--logits", action="store_true", help="mean largest logit of each task's rows")
+    parser.add_argument("--align", action="store_true", help="re-align the trained head on composed features")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print("| run | backbone | head | class-IL avg (%) | task-IL avg (%) |\n|---|---|---|---|---|")
@@ -61,12 +76,60 @@ def main() -> None:
                     confusions[path] = [[float(((true == t) & (predicted == p)).sum() / (true == t).sum())
                                          for p in range(tasks)] for t in range(tasks)]
         head.load_state_dict(trained)
+        if args.logits:
+            logit_scale(path, run, loader)
+        if args.align:
+            realign(path, run, loader, trained)
     for path, rows in confusions.items():
         tasks = len(rows)
         print(f"\n{path}: share of each task's test images predicted into each task's classes (%)")
         print("| true task | " + " | ".join(f"→ {p}" for p in range(tasks)) + " |\n|---|" + "---|" * tasks)
         for t, row in enumerate(rows):
             print(f"| {t} | " + " | ".join(f"{100 * v:.0f}" for v in row) + " |")
+
+
+def class_il(run, loader) -> float:
+    data = run.datamodule
+    logits, targets = predict(run.model, loader, uniform(run.tasks))
+    result = accuracies(logits, targets, data.num_tasks, data.classes_per_task)
+    return 100 * sum(result["class_il"]) / len(result["class_il"])
+
+
+def logit_scale(path: str, run, loader) -> None:
+    data, tasks = run.datamodule, max(run.tasks) + 1
+    for backbone, composition in (("θ0", {}), ("θ0 + (1/T) Σ τ", uniform(run.tasks))):
+        logits, _ = predict(run.model, loader, composition)
+        top = logits[:, : tasks * data.classes_per_task].view(len(logits), tasks, -1).amax(2).mean(0)
+        print(f"{path}: trained head on {backbone}, mean largest logit of each task's rows: "
+              + ", ".join(f"task {t} {v:.2f}" for t, v in enumerate(top.tolist())))
+
+
+@torch.no_grad()
+def composed_features(run, tasks_of: dict[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (pre-logits) of each task's training images (test transforms) under the composition of ``tasks_of[t]``."""
+    model, data = run.model, run.datamodule
+    model.eval()
+    features, labels = [], []
+    for task, composed in tasks_of.items():
+        model.task_deltas.compose(uniform(composed))
+        for x, y in DataLoader(data.tasks_dataset([task], "train", augment=False), batch_size=256):
+            features.append(model.backbone.forward_head(model.backbone.forward_features(x), pre_logits=True))
+            labels.append(y)
+    return torch.cat(features), torch.cat(labels)
+
+
+def realign(path: str, run, loader, trained: dict) -> None:
+    tasks = max(run.tasks) + 1
+    classes = list(range(tasks * run.datamodule.classes_per_task))
+    print(f"{path}: trained head {class_il(run, loader):.1f} % class-IL")
+    for name, tasks_of in (("per task", {t: list(range(t + 1)) for t in range(tasks)}),
+                           ("oracle", {t: list(run.tasks) for t in range(tasks)})):
+        features, labels = composed_features(run, tasks_of)
+        mixtures = fit_class_mixtures(features, labels, n_components=5, seed=0)
+        run.model.head.load_state_dict(trained)
+        align_head(run.model.head, mixtures, classes, epochs=30, generator=torch.Generator().manual_seed(0))
+        print(f"{path}: trained head re-aligned on composed features ({name}) {class_il(run, loader):.1f} % class-IL")
+    run.model.head.load_state_dict(trained)
 
 
 if __name__ == "__main__":

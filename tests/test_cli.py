@@ -13,14 +13,16 @@ OFFLINE = ["--model.pretrained", "false", "--trainer.logger", "false"]  # no hub
 
 def test_configs_are_found():
     names = {str(Path(p).relative_to(Path(p).parents[1])) for p in CONFIGS}
-    assert {"digits/ita.yaml", "digits/iel.yaml", "cifar100/ita.yaml", "cifar100/iel.yaml"} <= names
+    assert {"digits/ita.yaml", "digits/iel.yaml", "mnist/ita.yaml", "mnist/iel.yaml", "cifar100/ita.yaml",
+            "cifar100/iel.yaml"} <= names
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: "/".join(Path(p).parts[-2:]))
 def test_shipped_config_parses_and_instantiates(config):
     if "imagefolder" in config:
         pytest.skip("a template whose root is a placeholder: tests/test_data.py fits it on a fake folder")
-    pretrained = [] if "digits" in config else OFFLINE  # the digits configs use the embedded backbone offline
+    # The embedded streams' configs use the embedded backbone offline.
+    pretrained = [] if "digits" in config or "mnist" in config else OFFLINE
     parsed = cli(["--config", config, *pretrained], run=False)
     data, model, trainer = parsed.datamodule, parsed.model, parsed.trainer
     assert model.hparams.num_classes == data.num_classes
@@ -30,6 +32,8 @@ def test_shipped_config_parses_and_instantiates(config):
     assert len(algorithms) == 1
     if Path(config).stem in ("ita", "iel"):
         assert type(algorithms[0]) is {"ita": ITA, "iel": IEL}[Path(config).stem]
+    if Path(config).parent.name == "mnist":
+        assert data.dataset == "mnist" and model.hparams.lr == 0.002
 
 
 def test_cifar100_config_has_the_reference_values():

