@@ -2,8 +2,9 @@
 
     python scripts/results.py --stream mnist --seeds 0 1 2 --jobs 2
 
-Each (method, seed) is one ``lightning-taylor fit --config configs/<stream>/... --seed_everything S``; outputs
-go to ``runs/results/<stream>/<method>/seed<s>/`` and finished runs are reused (delete a folder to re-run).
+Each (method, seed) is one ``lightning-taylor fit --config configs/<stream>/... --seed_everything S``. Outputs
+go to ``runs/results/<stream>/<config path under configs/<stream>>/seed<s>/`` (for example
+``runs/results/mnist/baselines/joint/seed0``); finished runs are reused (delete a folder to re-run).
 Every method of a seed sees the same class order, split and data, so comparisons are paired by seed.
 
 The table gives the final average class-incremental accuracy (mean over tasks of the last row of the accuracy
