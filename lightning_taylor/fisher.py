@@ -267,16 +267,18 @@ def _vjp(logits: Tensor, outputs: list[Tensor], cotangents: Tensor, vectorize: l
     return [torch.stack(grads) for grads in zip(*(backward(v) for v in cotangents))]
 
 
-def _use_gram(rows: int, tokens: int) -> bool:
-    """Whether the Gram form is the faster one for ``K = rows`` cotangents and ``N = tokens`` tokens.
+def _use_gram(rows: int, tokens: int, in_features: int) -> bool:
+    """Whether the Gram form is the faster one for ``K = rows`` cotangents, ``N = tokens`` tokens and
+    ``in_features`` inputs.
 
     By operation counts, Gram (``N(N+1)/2·out·in``, the token pairs ``m ≥ n`` only) beats direct
-    (``K·N·out·in``) once ``K > (N+1)/2``; but direct's batched product has inner dimension ``N`` and runs
-    ever closer to peak speed as ``N`` grows, while the Gram matrices are many tiny products. Measured on
-    CPU (1 thread, in = 192 and 768, ``benchmarks/fisher_bound.py``'s shapes) the crossover is near
-    ``K ≈ 0.13·N^1.5``: ``K ≈ 9`` at ``N = 17`` tokens, ``68`` at ``N = 65``, ``360`` at ``N = 197``.
+    (``K·N·out·in``) once ``K > (N+1)/2``; but direct's batched product runs ever closer to peak speed as
+    ``N`` grows, while Gram adds its small Gram products and the gathers of the pairs (relatively more
+    for a narrow input). Measured on CPU (1 thread, out × in = 576 × 192 and 192 × 768), the two forms
+    cost the same at ``K ≈ 12`` and ``9.5`` for ``N = 17`` tokens (in = 192, 768), ``85`` and ``55`` for
+    ``N = 65``, about ``550`` and ``230`` for ``N = 197``: ``K ≈ 0.11·N^1.5·(768 / in)^¼`` within the noise.
     """
-    return rows > 0.13 * tokens**1.5
+    return rows > 0.11 * tokens**1.5 * (768 / in_features) ** 0.25
 
 
 def _workspace(device: torch.device) -> int:
@@ -299,7 +301,7 @@ def _add_weight_squares(out: Tensor, g: Tensor, a: Tensor) -> None:
         step_b = max(1, workspace // (rows * out_features + in_features))
         for b0 in range(0, batch, step_b):
             out.addmm_(g[:, b0 : b0 + step_b, 0].square().sum(dim=0).T, a[b0 : b0 + step_b, 0].square())
-    elif _use_gram(rows, tokens):
+    elif _use_gram(rows, tokens, in_features):
         for b in range(batch):
             _add_gram_squares(out, g[:, b], a[b], workspace)
     else:
