@@ -264,6 +264,8 @@ def _vjp(logits: Tensor, outputs: list[Tensor], cotangents: Tensor, vectorize: l
             raise
         except RuntimeError:
             vectorize[0] = False
+    if cotangents.shape[0] == 1:  # mc with one sample, empirical: a view, not a copy of every target output
+        return [grad.unsqueeze(0) for grad in backward(cotangents[0])]
     return [torch.stack(grads) for grads in zip(*(backward(v) for v in cotangents))]
 
 
