@@ -304,8 +304,11 @@ def _add_weight_squares(out: Tensor, g: Tensor, a: Tensor) -> None:
         for b0 in range(0, batch, step_b):
             out.addmm_(g[:, b0 : b0 + step_b, 0].square().sum(dim=0).T, a[b0 : b0 + step_b, 0].square())
     elif _use_gram(rows, tokens, in_features):
+        step_n = max(1, min(tokens, workspace // (tokens * in_features)))
+        step_o = max(1, min(out_features, workspace // (step_n * tokens)))
+        blocks = _pair_blocks(tokens, step_n, a.device, a.dtype)
         for b in range(batch):
-            _add_gram_squares(out, g[:, b], a[b], workspace)
+            _add_gram_squares(out, g[:, b], a[b], blocks, step_o)
     else:
         _add_direct_squares(out, g, a, workspace)
 
@@ -330,33 +333,35 @@ def _add_direct_squares(out: Tensor, g: Tensor, a: Tensor, workspace: int) -> No
                 block.addcmul_(gradient, gradient)
 
 
-def _token_pairs(tokens: int, n0: int, n1: int, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """The token pairs ``(n, m)`` with ``n0 ≤ n < n1`` and ``m ≥ n``, as indices relative to ``n0``, and their
-    weights in ``Σ_{n,m} = Σ_{n=m} + 2 Σ_{m>n}`` (both factors of a pair's term are symmetric in n, m)."""
-    n, m = torch.triu_indices(n1 - n0, tokens - n0, device=device)
-    return n, m, torch.where(n == m, 1.0, 2.0)
+def _pair_blocks(tokens: int, step_n: int, device: torch.device, dtype: torch.dtype
+                 ) -> list[tuple[int, int, Tensor, Tensor, Tensor]]:
+    """The token pairs ``(n, m)`` with ``m ≥ n``, in blocks of ``step_n`` first tokens ``n0 ≤ n < n1``: per
+    block ``(n0, n1, n − n0, m − n0, w)`` with the weights ``w`` (pairs × 1) of
+    ``Σ_{n,m} = Σ_{n=m} + 2 Σ_{m>n}``, exact for terms symmetric in ``n, m``."""
+    blocks = []
+    for n0 in range(0, tokens, step_n):
+        n1 = min(tokens, n0 + step_n)
+        n, m = torch.triu_indices(n1 - n0, tokens - n0, device=device)
+        blocks.append((n0, n1, n, m, torch.where(n == m, 1.0, 2.0).to(dtype).unsqueeze(1)))
+    return blocks
 
 
-def _add_gram_squares(out: Tensor, g: Tensor, a: Tensor, workspace: int) -> None:
+def _add_gram_squares(out: Tensor, g: Tensor, a: Tensor, blocks: list[tuple[int, int, Tensor, Tensor, Tensor]],
+                      step_o: int) -> None:
     """Gram form of :func:`_add_weight_squares` for one example (``g``: K × N × out, ``a``: N × in):
 
         Σ_k (Σ_n g_kn,o a_n,i)² = Σ_{m≥n} w_nm · G_o[n, m] · a_n,i a_m,i,    G_o = Σ_k g_k,·o g_k,·oᵀ  (N × N),
 
     ``w_nm = 1`` on the diagonal and 2 above it, so that each pair's ``in``-wide product is made once: a
-    matrix product of the Gram entries (out × pairs) with the token-pair products (pairs × in), blocked
-    over first tokens ``n`` and output units. The cotangents are transposed once, by a 2-D transpose, so
-    that ``K`` is the contiguous dimension of the Gram products (a strided 4-D permute costs more than
-    the products themselves).
+    matrix product of the Gram entries (out × pairs) with the token-pair products (pairs × in), per block
+    of first tokens (:func:`_pair_blocks`) and of ``step_o`` output units. The cotangents are transposed
+    once, by a 2-D transpose, so that ``K`` is the contiguous dimension of the Gram products (a strided
+    4-D permute costs more than the products themselves).
     """
     rows, tokens, out_features = g.shape
-    in_features = a.shape[-1]
     gk = g.reshape(rows, -1).T.contiguous().view(tokens, out_features, rows).transpose(0, 1)  # out × N × K
-    step_n = max(1, min(tokens, workspace // (tokens * in_features)))
-    step_o = max(1, min(out_features, workspace // (step_n * tokens)))
-    for n0 in range(0, tokens, step_n):
-        n1 = min(tokens, n0 + step_n)
-        n, m, weights = _token_pairs(tokens, n0, n1, a.device)
-        pairs = a[n0 + n] * (a[n0 + m] * weights.to(a.dtype).unsqueeze(1))               # pairs × in
+    for n0, n1, n, m, weights in blocks:
+        pairs = a[n0 + n] * (a[n0 + m] * weights)                                        # pairs × in
         for o0 in range(0, out_features, step_o):
             gb = gk[o0 : o0 + step_o]
             gram = torch.bmm(gb[:, n0:n1], gb[:, n0:].transpose(1, 2))                   # o × n × (N − n0)
