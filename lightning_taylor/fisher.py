@@ -304,11 +304,7 @@ def _add_weight_squares(out: Tensor, g: Tensor, a: Tensor) -> None:
         for b0 in range(0, batch, step_b):
             out.addmm_(g[:, b0 : b0 + step_b, 0].square().sum(dim=0).T, a[b0 : b0 + step_b, 0].square())
     elif _use_gram(rows, tokens, in_features):
-        step_n = max(1, min(tokens, workspace // (tokens * in_features)))
-        step_o = max(1, min(out_features, workspace // (step_n * tokens)))
-        blocks = _pair_blocks(tokens, step_n, a.device, a.dtype)
-        for b in range(batch):
-            _add_gram_squares(out, g[:, b], a[b], blocks, step_o)
+        _add_gram_squares(out, g, a, workspace)
     else:
         _add_direct_squares(out, g, a, workspace)
 
@@ -346,9 +342,22 @@ def _pair_blocks(tokens: int, step_n: int, device: torch.device, dtype: torch.dt
     return blocks
 
 
-def _add_gram_squares(out: Tensor, g: Tensor, a: Tensor, blocks: list[tuple[int, int, Tensor, Tensor, Tensor]],
-                      step_o: int) -> None:
-    """Gram form of :func:`_add_weight_squares` for one example (``g``: K × N × out, ``a``: N × in):
+def _add_gram_squares(out: Tensor, g: Tensor, a: Tensor, workspace: int) -> None:
+    """Gram form of :func:`_add_weight_squares` (:func:`_add_example_gram_squares`), example by example,
+    in blocks of first tokens and output units whose Gram matrices and pair products hold at most about
+    ``workspace`` elements."""
+    _, batch, tokens, out_features = g.shape
+    in_features = a.shape[-1]
+    step_n = max(1, min(tokens, workspace // (tokens * in_features)))
+    step_o = max(1, min(out_features, workspace // (step_n * tokens)))
+    blocks = _pair_blocks(tokens, step_n, a.device, a.dtype)
+    for b in range(batch):
+        _add_example_gram_squares(out, g[:, b], a[b], blocks, step_o)
+
+
+def _add_example_gram_squares(out: Tensor, g: Tensor, a: Tensor,
+                              blocks: list[tuple[int, int, Tensor, Tensor, Tensor]], step_o: int) -> None:
+    """Gram form for one example (``g``: K × N × out, ``a``: N × in):
 
         Σ_k (Σ_n g_kn,o a_n,i)² = Σ_{m≥n} w_nm · G_o[n, m] · a_n,i a_m,i,    G_o = Σ_k g_k,·o g_k,·oᵀ  (N × N),
 
