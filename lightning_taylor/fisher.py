@@ -87,6 +87,9 @@ Estimator = Literal["exact", "mc", "topk", "empirical"]
 #: Largest number of elements of one squaring block (per-example gradients or Gram matrices) on the CPU
 #: (:func:`_workspace`): 2 MiB of float32, which stays in a core's cache.
 _WORKSPACE = 1 << 19
+#: Fewest elements of one per-example gradient block row for which the direct form adds each gradient's
+#: square by its own fused call (:func:`_add_direct_squares`).
+_FUSED_MIN = 1 << 16
 #: With ``chunk_size=None``: bytes of target-output cotangents one vectorised backward may produce (on a
 #: CUDA device: at least an eighth of its free memory).
 _ROWS_BYTES = 1 << 27
@@ -276,16 +279,17 @@ def _use_gram(rows: int, tokens: int, in_features: int) -> bool:
     By operation counts, Gram (``N(N+1)/2·out·in``, the token pairs ``m ≥ n`` only) beats direct
     (``K·N·out·in``) once ``K > (N+1)/2``; but direct's batched product runs ever closer to peak speed as
     ``N`` grows, while Gram adds its small Gram products and the gathers of the pairs (relatively more
-    for a narrow input). Measured on CPU (1 thread, out × in = 576 × 192 and 192 × 768), the two forms
-    cost the same at ``K ≈ 12`` and ``9.5`` for ``N = 17`` tokens (in = 192, 768), ``85`` and ``55`` for
-    ``N = 65``, about ``550`` and ``230`` for ``N = 197``: ``K ≈ 0.11·N^1.5·(768 / in)^¼`` within the noise.
+    for a narrow input). Measured on CPU (``benchmarks/squaring.py``: 1 thread, out × in = 576 × 192 and
+    192 × 768), the two forms cost the same at ``K ≈ 12`` and ``9.5`` for ``N = 17`` tokens (in = 192,
+    768), ``85`` and ``55`` for ``N = 65``, about ``550`` and ``230`` for ``N = 197``:
+    ``K ≈ 0.11·N^1.5·(768 / in)^¼`` within the noise.
     """
     return rows > 0.11 * tokens**1.5 * (768 / in_features) ** 0.25
 
 
 def _workspace(device: torch.device) -> int:
     """Elements of one squaring block: ``_WORKSPACE`` on the CPU, where blocks that stay in the cache made the
-    direct form 10–40 % faster than 16 MiB blocks streamed through memory; 8× that on an accelerator, where
+    direct form 10–40 % faster than 16 MiB blocks streamed through memory (``benchmarks/squaring.py``); 8× that on an accelerator, where
     fewer and larger kernels pay (the size used everywhere before; not re-measured: no GPU so far)."""
     return _WORKSPACE if device.type == "cpu" else 8 * _WORKSPACE
 
@@ -310,13 +314,20 @@ def _add_weight_squares(out: Tensor, g: Tensor, a: Tensor) -> None:
 
 
 def _add_direct_squares(out: Tensor, g: Tensor, a: Tensor, workspace: int) -> None:
-    """Direct form of :func:`_add_weight_squares`: the per-example gradients ``P = g_kᵀ a`` (one batched product
-    per block of examples and output units), each added as ``out += P ⊙ P`` (one fused pass per gradient:
-    at K = 1 about 1.6× faster than squaring the block in place and summing it, which reads it twice)."""
+    """Direct form of :func:`_add_weight_squares`: the per-example gradients ``P = g_kᵀ a`` (one batched
+    product per block of examples and output units), squared and summed into ``out``.
+
+    Where a block's output rows are wide (at least ``_FUSED_MIN`` elements, e.g. ``K = 1``), each gradient
+    is added by one fused ``out += P ⊙ P`` pass (``addcmul_``), about 1.6× faster than squaring the block in
+    place and summing it, which reads it twice; with many narrow rows (large ``K``) the per-call cost of
+    that loop outweighs the saving, and the block is squared and summed in one reduction instead
+    (``benchmarks/squaring.py``).
+    """
     rows, batch, tokens, out_features = g.shape
     in_features = a.shape[-1]
     step_o = max(1, min(out_features, workspace // (rows * in_features)))
     step_b = max(1, workspace // (rows * step_o * in_features))
+    fused = step_o * in_features >= _FUSED_MIN
     for b0 in range(0, batch, step_b):
         ab = a[b0 : b0 + step_b]
         nb = ab.shape[0]
@@ -324,9 +335,13 @@ def _add_direct_squares(out: Tensor, g: Tensor, a: Tensor, workspace: int) -> No
             gs = g[:, b0 : b0 + nb, :, o0 : o0 + step_o]
             no = gs.shape[-1]
             per_example = torch.bmm(gs.permute(1, 0, 3, 2).reshape(nb, rows * no, tokens), ab)  # b × (K·o) × in
+            gradients = per_example.view(nb * rows, no, in_features)
             block = out[o0 : o0 + no]
-            for gradient in per_example.view(nb * rows, no, in_features):
-                block.addcmul_(gradient, gradient)
+            if fused:
+                for gradient in gradients:
+                    block.addcmul_(gradient, gradient)
+            else:
+                block += gradients.square_().sum(dim=0)
 
 
 def _pair_blocks(tokens: int, step_n: int, device: torch.device, dtype: torch.dtype
