@@ -280,8 +280,8 @@ def _use_gram(rows: int, tokens: int, in_features: int) -> bool:
     (``K·N·out·in``) once ``K > (N+1)/2``; but direct's batched product runs ever closer to peak speed as
     ``N`` grows, while Gram adds its small Gram products and the gathers of the pairs (relatively more
     for a narrow input). Measured on CPU (``benchmarks/squaring.py``: 1 thread, out × in = 576 × 192 and
-    192 × 768), the two forms cost the same at ``K ≈ 12`` and ``9.5`` for ``N = 17`` tokens (in = 192,
-    768), ``85`` and ``55`` for ``N = 65``, about ``550`` and ``230`` for ``N = 197``:
+    192 × 768; two runs), the two forms cost the same at ``K ≈ 10–12`` and ``8–9.5`` for ``N = 17`` tokens
+    (in = 192, 768), ``85–95`` and ``50–55`` for ``N = 65``, above ``400`` and ``230–370`` for ``N = 197``:
     ``K ≈ 0.11·N^1.5·(768 / in)^¼`` within the noise.
     """
     return rows > 0.11 * tokens**1.5 * (768 / in_features) ** 0.25
@@ -289,7 +289,7 @@ def _use_gram(rows: int, tokens: int, in_features: int) -> bool:
 
 def _workspace(device: torch.device) -> int:
     """Elements of one squaring block: ``_WORKSPACE`` on the CPU, where blocks that stay in the cache made the
-    direct form 10–40 % faster than 16 MiB blocks streamed through memory (``benchmarks/squaring.py``); 8× that on an accelerator, where
+    direct form 20–60 % faster than 16 MiB blocks streamed through memory (``benchmarks/squaring.py``); 8× that on an accelerator, where
     fewer and larger kernels pay (the size used everywhere before; not re-measured: no GPU so far)."""
     return _WORKSPACE if device.type == "cpu" else 8 * _WORKSPACE
 
@@ -318,7 +318,7 @@ def _add_direct_squares(out: Tensor, g: Tensor, a: Tensor, workspace: int) -> No
     product per block of examples and output units), squared and summed into ``out``.
 
     Where a block's output rows are wide (at least ``_FUSED_MIN`` elements, e.g. ``K = 1``), each gradient
-    is added by one fused ``out += P ⊙ P`` pass (``addcmul_``), about 1.6× faster than squaring the block in
+    is added by one fused ``out += P ⊙ P`` pass (``addcmul_``), about 1.5× faster than squaring the block in
     place and summing it, which reads it twice; with many narrow rows (large ``K``) the per-call cost of
     that loop outweighs the saving, and the block is squared and summed in one reduction instead
     (``benchmarks/squaring.py``).
