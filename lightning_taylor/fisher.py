@@ -289,8 +289,9 @@ def _use_gram(rows: int, tokens: int, in_features: int) -> bool:
 
 def _workspace(device: torch.device) -> int:
     """Elements of one squaring block: ``_WORKSPACE`` on the CPU, where blocks that stay in the cache made the
-    direct form 20–60 % faster than 16 MiB blocks streamed through memory (``benchmarks/squaring.py``); 8× that on an accelerator, where
-    fewer and larger kernels pay (the size used everywhere before; not re-measured: no GPU so far)."""
+    direct form 20–60 % faster than 16 MiB blocks streamed through memory (``benchmarks/squaring.py``); 8×
+    that on an accelerator, where fewer and larger kernels pay (the size used everywhere before; not
+    re-measured: no GPU so far)."""
     return _WORKSPACE if device.type == "cpu" else 8 * _WORKSPACE
 
 
