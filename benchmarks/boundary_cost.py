@@ -4,6 +4,7 @@ Run from the repository root (a few minutes on 2 CPU cores with the reduced shap
 
     HF_HUB_OFFLINE=1 python benchmarks/boundary_cost.py --classes 10 100 200 --estimators mc --threads 1
     HF_HUB_OFFLINE=1 python benchmarks/boundary_cost.py --classes 10 --estimators exact mc --threads 1
+    HF_HUB_OFFLINE=1 python benchmarks/boundary_cost.py --classes 10 --estimators mc --img-size 224 --profile
 
 For each class count C and Fisher estimator, one ITA fit of one task with C classes (so the Fisher runs over
 C seen classes) on ``vit_base_patch16_224`` with random weights (``--depth`` of its 12 blocks, ``--img-size``
@@ -12,14 +13,18 @@ pixels) and ``--per-class`` random images per class. The four parts of the task 
 first training epoch that follows (the same images, ``--batch-size``) is timed from its start to its end.
 It prints each part's seconds and the boundary's total as a fraction of that epoch (target with ``mc``:
 ≤ 1 epoch). Ratios of parts measured in the same fit: other load moves them less than absolute times.
+``--profile`` also prints, after each row, the functions that took the most time of their own (cProfile)
+inside the backbone Fisher: where its time goes (forward, backward, squaring).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import io
 import os
+import pstats
 import sys
 import tempfile
 import time
@@ -74,14 +79,20 @@ class EpochTimer(L.Callback):
 
 
 @contextlib.contextmanager
-def timed_parts(times: dict[str, float]):  # noqa: ANN201
-    """Wrap the boundary's four parts (module functions and callback methods) to add up their time."""
+def timed_parts(times: dict[str, float], profile: cProfile.Profile | None = None):  # noqa: ANN201
+    """Wrap the boundary's four parts (module functions and callback methods) to add up their time;
+    with ``profile``, the backbone Fisher runs under it."""
     def wrap(function, part):  # noqa: ANN001, ANN202
         def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+            profiled = profile is not None and part == "backbone Fisher"
             start = time.perf_counter()
+            if profiled:
+                profile.enable()
             try:
                 return function(*args, **kwargs)
             finally:
+                if profiled:
+                    profile.disable()
                 times[part] = times.get(part, 0.0) + time.perf_counter() - start
         return wrapper
 
@@ -98,7 +109,8 @@ def timed_parts(times: dict[str, float]):  # noqa: ANN201
          second_order.SecondOrder._head_fisher) = saved
 
 
-def one_fit(args: argparse.Namespace, classes: int, estimator: str, save_dir: str) -> tuple[dict[str, float], float]:
+def one_fit(args: argparse.Namespace, classes: int, estimator: str, save_dir: str,
+            profile: cProfile.Profile | None = None) -> tuple[dict[str, float], float]:
     L.seed_everything(0, verbose=False)
     module = IncrementalViT("vit_base_patch16_224", pretrained=False, num_classes=classes, classes_per_task=classes,
                             epochs_per_task=1, seed=0,
@@ -111,7 +123,7 @@ def one_fit(args: argparse.Namespace, classes: int, estimator: str, save_dir: st
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[ita, timer])
     times: dict[str, float] = {}
-    with timed_parts(times), contextlib.redirect_stdout(io.StringIO()):
+    with timed_parts(times, profile), contextlib.redirect_stdout(io.StringIO()):
         trainer.fit(module, data)
     return times, timer.seconds
 
@@ -126,8 +138,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--profile", action="store_true", help="cProfile of the backbone Fisher after each row")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    import sklearn.mixture  # noqa: F401  (imported by the first pre-tuning: ~0.4 s, not a cost of the boundary)
     tokens = (args.img_size // 16) ** 2 + 1
     print(f"vit_base_patch16_224 shapes, {args.depth} of 12 blocks, {args.img_size} px ({tokens} tokens), "
           f"{args.per_class} images per class, batch {args.batch_size}, {args.threads} thread(s)")
@@ -136,11 +150,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as save_dir:
         for classes in args.classes:
             for estimator in args.estimators:
-                times, epoch = one_fit(args, classes, estimator, save_dir)
+                profile = cProfile.Profile() if args.profile else None
+                times, epoch = one_fit(args, classes, estimator, save_dir, profile)
                 total = sum(times.get(p, 0.0) for p in PARTS)
                 print(f"  {classes:>4} {estimator:<9} {classes * args.per_class:>6} "
                       + "".join(f"{times.get(p, 0.0):>21.2f}" for p in PARTS)
                       + f"{epoch:>11.2f}{total / epoch:>17.2f}x", flush=True)
+                if profile is not None:
+                    pstats.Stats(profile, stream=sys.stdout).sort_stats("tottime").print_stats(8)
 
 
 if __name__ == "__main__":

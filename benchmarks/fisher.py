@@ -164,8 +164,8 @@ def compare(args: argparse.Namespace, num_classes: int, checks: list[tuple[str, 
     }
     medians, results = time_methods(methods, args.repeats, args.device)
     errors = {name: relative_error(result, results["exact"]) for name, result in results.items()}
-    checks.append((f"C = {num_classes}: exact at least as fast as the reference (ratio >= 1.0)",
-                   medians["reference"] / medians["exact"] >= 1.0))
+    checks.append((f"C = {num_classes}: exact at least 1.5x faster than the reference (the target of issue #15)",
+                   medians["reference"] / medians["exact"] >= 1.5))
     checks.append((f"C = {num_classes}: exact equals the reference (relative error <= 1e-5)",
                    errors["reference"] <= 1e-5))
     if num_classes >= 50:
