@@ -346,7 +346,7 @@ def test_one_fit_runs_the_whole_stream(tmp_path):
 @pytest.mark.parametrize(
     "kwargs, name",
     [
-        (dict(dataset="mnist"), "dataset"),
+        (dict(dataset="fashion_mnist"), "dataset"),
         (dict(num_tasks=0), "num_tasks"),
         (dict(num_tasks=4), "num_tasks"),
         (dict(num_tasks=2.0), "num_tasks"),
