@@ -105,9 +105,13 @@ def main() -> None:
     parser.add_argument("--stream", default="mnist", help="a folder of configs/ (mnist, digits)")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--root", type=Path, default=Path("runs/results"))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS),
+                        help="rows to run (default: every row but the KFAC ones; see --kfac)")
+    parser.add_argument("--kfac", action="store_true", help="add the KFAC rows to the default rows")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (each with one CPU thread)")
     args = parser.parse_args()
+    if args.methods is None:
+        args.methods = [name for name in METHODS if args.kfac or "KFAC" not in name]
     configs = {name: Path("configs") / args.stream / METHODS[name] for name in args.methods}
     configs = {name: path for name, path in configs.items() if path.exists()}
     jobs = {(name, seed): (path, seed, args.root / args.stream / path.with_suffix("").as_posix().split("/", 2)[2]
