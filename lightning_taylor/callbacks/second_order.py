@@ -33,10 +33,11 @@ with a non-finite tensor; the safetensors files are checked before they are writ
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from dataclasses import asdict
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, ClassVar, Iterator, Literal, Sequence
 
 import lightning as L
 import torch
@@ -373,33 +374,43 @@ class SecondOrder(L.Callback):
         for name, value in self.pretuned_head.items():
             getattr(head, name)[rows] = value[rows].to(getattr(head, name))
 
-    def _backbone_fisher(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, num_seen: int,
-                         loader: DataLoader):
-        if self.curvature_type == "kfac":
-            return self._backbone_kfac(trainer, pl_module, task, num_seen, loader)
+    @contextlib.contextmanager
+    def _curvature_pass(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, num_seen: int,
+                        loader: DataLoader) -> Iterator[tuple[nn.Module, DataLoader, Iterator, torch.Generator]]:
+        """What both curvature passes share (docs/method.md §3): θ0 (deltas off) with the pre-tuned head h̃ over
+        the classes seen so far, this process's shard of the task's training images, and a generator of its own
+        for ``mc`` labels (reproducible, independent across ranks). The trained head is put back afterwards."""
         deltas, model = self._deltas(pl_module), self.model(pl_module)
         head = model.head
         trained_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
         head.load_state_dict({k: v.to(head.weight) for k, v in self.pretuned_head.items()})
         shard = _shard(loader, trainer.global_rank, trainer.world_size)
         batches = ((batch[0].to(pl_module.device), batch[1].to(pl_module.device)) for batch in shard)
-        names = [f"model.backbone.{name}.weight" for name in deltas.names]
-        # `mc` draws its labels from a generator of its own: reproducible, and independent across ranks.
         generator = torch.Generator().manual_seed(mix(mix(self.seed, task), trainer.global_rank))
-        # A progress bar on rank zero when the trainer shows bars (the pass can be long: C backward rows per example).
-        bar = None
-        if trainer.is_global_zero and trainer.progress_bar_callback is not None:
-            bar = Tqdm(total=len(shard.sampler), desc=f"Fisher ({self.fisher_config['estimator']})", leave=False,
-                       unit="img", dynamic_ncols=True)
         try:
             with deltas.disabled():
-                fisher = diagonal_fisher(_SeenLogits(model, num_seen), batches, names, **self.fisher_config,
-                                         generator=generator,
-                                         progress=None if bar is None else (lambda n: bar.update(n - bar.n)))
+                yield _SeenLogits(model, num_seen), shard, batches, generator
         finally:
             head.load_state_dict(trained_head)
-            if bar is not None:
-                bar.close()
+
+    def _backbone_fisher(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int, num_seen: int,
+                         loader: DataLoader):
+        if self.curvature_type == "kfac":
+            return self._backbone_kfac(trainer, pl_module, task, num_seen, loader)
+        names = [f"model.backbone.{name}.weight" for name in self._deltas(pl_module).names]
+        curvature_pass = self._curvature_pass(trainer, pl_module, task, num_seen, loader)
+        with curvature_pass as (classifier, shard, batches, generator):
+            # A progress bar on rank zero when the trainer shows bars (a long pass: C backward rows per example).
+            bar = None
+            if trainer.is_global_zero and trainer.progress_bar_callback is not None:
+                bar = Tqdm(total=len(shard.sampler), desc=f"Fisher ({self.fisher_config['estimator']})", leave=False,
+                           unit="img", dynamic_ncols=True)
+            try:
+                fisher = diagonal_fisher(classifier, batches, names, **self.fisher_config, generator=generator,
+                                         progress=None if bar is None else (lambda n: bar.update(n - bar.n)))
+            finally:
+                if bar is not None:
+                    bar.close()
         fisher.all_reduce()  # every rank reaches this collective; sums and counts, divided later
         fisher.sums = {name[len("model.backbone.") :]: value for name, value in fisher.sums.items()}
         show(trainer, f"[{self.algorithm.upper()}] Fisher ({fisher.estimator}) over {fisher.count} examples")
@@ -412,23 +423,12 @@ class SecondOrder(L.Callback):
         As for the diagonal Fisher: over the classes seen so far, each process over its own shard of the
         task's training images, then sums and counts summed over the processes (divided only later).
         """
-        deltas, model = self._deltas(pl_module), self.model(pl_module)
         self._check_kfac_memory(pl_module, task)
-        head = model.head
-        trained_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
-        head.load_state_dict({k: v.to(head.weight) for k, v in self.pretuned_head.items()})
-        shard = _shard(loader, trainer.global_rank, trainer.world_size)
-        batches = ((batch[0].to(pl_module.device), batch[1].to(pl_module.device)) for batch in shard)
+        layers = [f"model.backbone.{name}" for name in self._deltas(pl_module).names]
         config = self.fisher_config
-        # `mc` draws its labels from a generator of its own: reproducible, and independent across ranks.
-        generator = torch.Generator().manual_seed(mix(mix(self.seed, task), trainer.global_rank))
-        try:
-            with deltas.disabled():
-                sums = kronecker_sums(_SeenLogits(model, num_seen), batches,
-                                      [f"model.backbone.{name}" for name in deltas.names], config["estimator"],
-                                      self.kfac_approx, config["samples"], generator)
-        finally:
-            head.load_state_dict(trained_head)
+        with self._curvature_pass(trainer, pl_module, task, num_seen, loader) as (classifier, _, batches, generator):
+            sums = kronecker_sums(classifier, batches, layers, config["estimator"], self.kfac_approx,
+                                  config["samples"], generator)
         sums.all_reduce()  # every rank reaches this collective; sums and counts, divided later
         strip = len("model.backbone.")
         sums.inputs = {name[strip:]: value for name, value in sums.inputs.items()}
