@@ -40,6 +40,8 @@ from safetensors.torch import load_file  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lightning_taylor.alignment import align_head, fit_class_mixtures  # noqa: E402
+from lightning_taylor.callbacks.pretuning import extract_features  # noqa: E402
+from lightning_taylor.callbacks.protocol import resolve_classifier  # noqa: E402
 from lightning_taylor.editing import uniform  # noqa: E402
 from lightning_taylor.evaluation import accuracies, eval_loader, predict  # noqa: E402
 from lightning_taylor.run import load_run  # noqa: E402
@@ -104,17 +106,17 @@ def logit_scale(path: str, run, loader) -> None:
               + ", ".join(f"task {t} {v:.2f}" for t, v in enumerate(top.tolist())))
 
 
-@torch.no_grad()
 def composed_features(run, tasks_of: dict[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Features (pre-logits) of each task's training images (test transforms) under the composition of ``tasks_of[t]``."""
-    model, data = run.model, run.datamodule
-    model.eval()
+    classifier, data = resolve_classifier(run.model), run.datamodule
+    device = next(run.model.parameters()).device
     features, labels = [], []
     for task, composed in tasks_of.items():
-        model.task_deltas.compose(uniform(composed))
-        for x, y in DataLoader(data.tasks_dataset([task], "train", augment=False), batch_size=256):
-            features.append(model.backbone.forward_head(model.backbone.forward_features(x), pre_logits=True))
-            labels.append(y)
+        run.model.task_deltas.compose(uniform(composed))
+        loader = DataLoader(data.tasks_dataset([task], "train", augment=False), batch_size=256)
+        task_features, task_labels = extract_features(classifier, loader, device)
+        features.append(task_features)
+        labels.append(task_labels)
     return torch.cat(features), torch.cat(labels)
 
 

@@ -40,13 +40,13 @@ METHODS = {
 }
 
 
-def run(config: Path, seed: int, out: Path, threads: int) -> dict[str, float]:
+def run(config: Path, seed: int, out: Path, threads: int | None) -> dict[str, float]:
     result = out / "version_0" / "accuracy_class_il.csv"
     if not result.exists():
         command = [
             sys.executable, "-m", "lightning_taylor.cli", "fit", "--config", str(config), f"--seed_everything={seed}",
             f"--trainer.default_root_dir={out}", f"--trainer.logger.init_args.save_dir={out}",
-            "--trainer.enable_progress_bar=false", f"--threads={threads}",
+            "--trainer.enable_progress_bar=false", *([f"--threads={threads}"] if threads else []),
         ]
         print("$", " ".join(command[1:]), flush=True)
         subprocess.run(command, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.DEVNULL,
@@ -114,8 +114,10 @@ def main() -> None:
         args.methods = [name for name in METHODS if args.kfac or "KFAC" not in name]
     configs = {name: Path("configs") / args.stream / METHODS[name] for name in args.methods}
     configs = {name: path for name, path in configs.items() if path.exists()}
-    jobs = {(name, seed): (path, seed, args.root / args.stream / path.with_suffix("").as_posix().split("/", 2)[2]
-                           / f"seed{seed}", 1 if args.jobs > 1 else os.cpu_count() or 1)
+    # Parallel runs get one thread each; a single run lets the command choose (see README, "CPU threads").
+    threads = 1 if args.jobs > 1 else None
+    jobs = {(name, seed): (path, seed, args.root / args.stream / path.relative_to(Path("configs") / args.stream)
+                           .with_suffix("") / f"seed{seed}", threads)
             for name, path in configs.items() for seed in args.seeds}
     with ThreadPoolExecutor(args.jobs) as pool:
         futures = {key: pool.submit(run, *value) for key, value in jobs.items()}

@@ -34,7 +34,7 @@ def test_step_overhead_prints_a_ratio_per_variant():
     assert float(rows["lora"][2]) == 1.0
     # The plain step has no method hooks: its share is timing noise (0.00, or 0.01 on a loaded machine).
     plain = float(rows["lora"][-3])
-    assert plain <= 0.05 and all(float(rows[v][-3]) > max(10 * plain, 0.0) for v in ("ita", "iel", "iel_coupled"))
+    assert plain <= 0.05 and all(float(rows[v][-3]) > 10 * plain for v in ("ita", "iel", "iel_coupled"))
 
 
 def test_boundary_cost_times_every_part_of_the_boundary():

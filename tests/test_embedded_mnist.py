@@ -21,8 +21,7 @@ def test_mnist_splits_are_stratified_unit_range_images():
     assert 0.0 <= float(image.min()) and float(image.max()) <= 1.0 and float(image.max()) > 0.5  # ink is bright
     assert int(label) == int(raw.train_targets[0])
     # The two splits are disjoint views of one tensor: no test image is also a training image.
-    train_ids = {id_ for id_ in raw.train.indices}
-    assert not train_ids & set(raw.test.indices)
+    assert not set(raw.train.indices) & set(raw.test.indices)
 
 
 def test_mnist_resizes_once_and_refuses_a_split_without_every_class():
