@@ -5,7 +5,7 @@
 Lightning launches the other ranks itself (``strategy="ddp"``), or torchrun does
 (``torchrun --nproc_per_node 2 tests/ddp_job.py OUT --devices 2 ...``). Every rank writes what it holds at
 the end — deltas, head, Fisher (or with ``--curvature kfac`` the KFAC sums), pre-tuned head, accuracy
-matrix — to ``OUT/rank<r>.pt``.
+matrix — to ``OUT/rank<r>.pt``. ``--head-alignment drift_compensated`` turns on the end-of-task alignment.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from lightning_taylor.module import IncrementalViT
 TASKS = 3
 
 
-def run(out: Path, devices: int, batch_size: int, curvature: str = "diagonal", kfac_tasks: str = "merged") -> None:
+def run(out: Path, devices: int, batch_size: int, curvature: str = "diagonal", kfac_tasks: str = "merged",
+        head_alignment: str = "none") -> None:
     torch.set_num_threads(1)  # two processes share two cores
     L.seed_everything(0, verbose=False)
     data = TaskStreamDataModule("digits", num_tasks=5, epochs_per_task=1, batch_size=batch_size)
@@ -32,7 +33,7 @@ def run(out: Path, devices: int, batch_size: int, curvature: str = "diagonal", k
                            classes_per_task=2, epochs_per_task=1, lr=3e-4)
     pretuning = PreTuning(probe_epochs=1, align_epochs=2, align_epochs_per_task=1, samples_per_class=32)
     ita = ITA(1.0, rank=2, pretuning=pretuning, head_fisher_samples=16, fisher_batch_size=16, save_dir=str(out),
-              curvature=curvature, kfac_tasks=kfac_tasks)
+              curvature=curvature, kfac_tasks=kfac_tasks, head_alignment=head_alignment)
     evaluation = ContinualEvaluation(output_dir=str(out))
     trainer = L.Trainer(accelerator="cpu", devices=devices, strategy="ddp" if devices > 1 else "auto",
                         max_epochs=TASKS, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0,
@@ -59,6 +60,7 @@ if __name__ == "__main__":
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--curvature", default="diagonal", choices=("diagonal", "kfac"))
     parser.add_argument("--kfac-tasks", default="merged", choices=("merged", "per_task"))
+    parser.add_argument("--head-alignment", default="none", choices=("none", "drift_compensated"))
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
-    run(args.out, args.devices, args.batch_size, args.curvature, args.kfac_tasks)
+    run(args.out, args.devices, args.batch_size, args.curvature, args.kfac_tasks, args.head_alignment)

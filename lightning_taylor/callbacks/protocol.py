@@ -207,6 +207,15 @@ def current_task(trainer: L.Trainer, pl_module: L.LightningModule, epochs_per_ta
     return int(trainer.current_epoch) // epochs
 
 
+def last_epoch_of_task(trainer: L.Trainer, pl_module: L.LightningModule, epochs_per_task: int | None = None) -> bool:
+    """Whether the epoch being trained is its task's last: ``(epoch + 1) % epochs_per_task == 0`` when the stream
+    (or the argument) states ``epochs_per_task``, else the fit's last epoch (one ``fit`` per task)."""
+    epochs = stream_value(trainer, pl_module, "epochs_per_task", epochs_per_task)
+    if epochs is not None:
+        return (int(trainer.current_epoch) + 1) % epochs == 0
+    return trainer.max_epochs is not None and int(trainer.current_epoch) == trainer.max_epochs - 1
+
+
 def task_loader(trainer: L.Trainer, task: int, batch_size: int) -> DataLoader:
     """Task ``task``'s training data for a task-boundary pass, in order, without a distributed sampler."""
     datamodule = getattr(trainer, "datamodule", None)

@@ -34,7 +34,7 @@ STREAM_FIELDS = ("dataset", "num_classes", "class_names", "class_order", "num_ta
 _RESUME_HINT = ("Resume with the settings the run was trained with, or start a new run (another "
                 "`trainer.default_root_dir` or logger version).")
 #: Method fields added after the first checkpoints were written, with the value those were trained with.
-_RECORD_DEFAULTS = {"curvature": "diagonal", "head_init": "random"}
+_RECORD_DEFAULTS = {"curvature": "diagonal", "head_init": "random", "head_alignment": "none"}
 _SLOT_STYLES = {"lora_A": "lora", "lora_B": "lora", "delta": "full", "scale": "ia3"}
 
 

@@ -18,6 +18,9 @@ One callback runs the whole method on any LightningModule with a timm ViT and a 
 - ``on_before_optimizer_step`` (once per optimiser step, after accumulation): the penalty, decoupled —
   ``θ ← θ − s · clip(∂R/∂θ)``, ``s`` the schedule's current factor — or coupled (``∂R/∂θ`` added to the
   gradients, exactly as if ``R`` were in the loss);
+- with ``head_alignment="drift_compensated"``, at the end of each task (its last training batch, before the
+  task's validation): re-aligns every seen head row on class mixtures of the *composed* model's features,
+  the older classes' mixtures moved by semantic drift compensation (:mod:`~lightning_taylor.drift_compensation`);
 - ``on_train_end``: banks the last delta and saves deltas, Fisher and pre-tuned head as safetensors.
 
 Everything needed to resume mid-stream is in the checkpoint: deltas in the module's state, the rest
@@ -54,13 +57,14 @@ from lightning_taylor._checks import (
     check_positive_int,
     expected,
 )
-from lightning_taylor.alignment import ClassMixtures, head_fisher
+from lightning_taylor.alignment import ClassMixtures, align_head, alignment_epochs, fit_class_mixtures, head_fisher
 from lightning_taylor.callbacks.guard import OnNonFinite, StepGuard
 from lightning_taylor.callbacks.pretuning import PreTuning, extract_features, pretune_head
 from lightning_taylor.callbacks.protocol import (
     Classifier,
     check_launcher,
     current_task,
+    last_epoch_of_task,
     resolve_classifier,
     task_loader,
 )
@@ -68,6 +72,7 @@ from lightning_taylor.callbacks.protocol import task_classes as stream_task_clas
 from lightning_taylor.callbacks.resume import check_delta_layout, check_record, stream_record
 from lightning_taylor.console import show
 from lightning_taylor.deltas import DeltaStyle, TaskDeltas, save_deltas
+from lightning_taylor.drift_compensation import compensate_drift
 from lightning_taylor.editing import uniform
 from lightning_taylor.finite import check_finite, flatten_tensors
 from lightning_taylor.fisher import Estimator, FisherAccumulator, diagonal_fisher
@@ -82,6 +87,7 @@ log = logging.getLogger(__name__)
 
 PenaltyMode = Literal["decoupled", "coupled"]
 HeadInit = Literal["random", "pretuned"]
+HeadAlignment = Literal["none", "drift_compensated"]
 Curvature = Literal["diagonal", "kfac"]
 
 
@@ -117,6 +123,13 @@ class SecondOrder(L.Callback):
             initialisation, the reference's) or ``"pretuned"`` (copied from the pre-tuned head h̃_t of this
             task's boundary, so that they start calibrated against the other tasks' rows; see
             docs/learning_quality.md for what it changes).
+        head_alignment: ``"none"`` (the reference: the deployed head is the trained one) or
+            ``"drift_compensated"``: at the end of each task ``t`` every seen head row is re-aligned (the
+            pre-tuning's alignment step and settings) on class mixtures of the deployed composition's features
+            — task ``t``'s classes fitted on its images under ``θ0 + (1/(t+1)) Σ_{s≤t} τ_s``, every older
+            class's mixture moved by the drift these images show between the compositions without and with
+            ``τ_t`` (:func:`~lightning_taylor.drift_compensation.compensate_drift`). No old image is kept. See
+            docs/learning_quality.md for what it changes.
         penalty_mode: ``"decoupled"`` (``θ ← θ − s·clip(∂R/∂θ)`` before each optimiser step, the reference)
             or ``"coupled"`` (``∂R/∂θ`` added to the gradients, as if ``R`` were in the loss).
         max_grad_norm: per-tensor clipping of the decoupled step.
@@ -166,6 +179,7 @@ class SecondOrder(L.Callback):
         lambda_fisher: float | None = None,
         lambda_l2: float = 0.001,
         head_init: HeadInit = "random",
+        head_alignment: HeadAlignment = "none",
         penalty_mode: PenaltyMode = "decoupled",
         max_grad_norm: float = 100.0,
         style: DeltaStyle = "lora",
@@ -196,6 +210,7 @@ class SecondOrder(L.Callback):
         if lambda_fisher is not None:
             check_non_negative("lambda_fisher", lambda_fisher)
         check_choice("head_init", head_init, ("random", "pretuned"))
+        check_choice("head_alignment", head_alignment, ("none", "drift_compensated"))
         check_choice("penalty_mode", penalty_mode, ("decoupled", "coupled"))
         check_non_negative("max_grad_norm", max_grad_norm)
         check_choice("fisher_estimator", fisher_estimator, ("exact", "mc", "topk", "empirical"))
@@ -225,7 +240,7 @@ class SecondOrder(L.Callback):
         self.strength = float(strength)
         # docs/method.md §4: the head's Fisher weight defaults to α (ITA) or β (IEL).
         self.lambda_fisher = float(strength if lambda_fisher is None else lambda_fisher)
-        self.lambda_l2, self.head_init = float(lambda_l2), head_init
+        self.lambda_l2, self.head_init, self.head_alignment = float(lambda_l2), head_init, head_alignment
         self.penalty_mode, self.max_grad_norm = penalty_mode, float(max_grad_norm)
         self.fisher_config = dict(estimator=fisher_estimator, samples=fisher_samples, top_k=fisher_top_k)
         self.fisher_batch_size, self.prior = fisher_batch_size, prior
@@ -245,6 +260,7 @@ class SecondOrder(L.Callback):
         self.task = -1
         self.accumulator = FisherAccumulator(prior) if curvature == "diagonal" else KroneckerAccumulator(kfac_tasks)
         self.mixtures: ClassMixtures | None = None
+        self.composed_mixtures: ClassMixtures | None = None  # head_alignment: mixtures of composed features
         self.pretuned_head: dict[str, Tensor] = {}
         self.head_curvature: dict[str, Tensor] = {}
         # Derived from the accumulator, on the device: F̄ (diagonal) or the prepared Kronecker terms (kfac).
@@ -279,6 +295,7 @@ class SecondOrder(L.Callback):
         return {"algorithm": self.algorithm, "strength": self.strength, "style": config["style"],
                 "rank": config["rank"], "qkv_rank_factor": config["qkv_rank_factor"],
                 "targets": list(deltas.targets), "penalty_mode": self.penalty_mode, "head_init": self.head_init,
+                "head_alignment": self.head_alignment,
                 **{k: (int(v) if k != "fisher_estimator" else v) for k, v in fisher.items()},
                 **self._curvature_record()}
 
@@ -366,6 +383,55 @@ class SecondOrder(L.Callback):
         for optimizer in trainer.optimizers:  # a new task starts with fresh AdamW moments
             optimizer.state.clear()
         self.task = task
+
+    # -- end of a task: the deployed head aligned on the composed model -----------------------------------
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if (self.head_alignment != "none" and trainer.is_last_batch
+                and last_epoch_of_task(trainer, pl_module, self.epochs_per_task)):
+            with full_precision():
+                self.align_to_composition(trainer, pl_module, self.task)
+
+    def align_to_composition(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
+        """``head_alignment="drift_compensated"`` at the end of ``task`` (see the class docstring).
+
+        Runs on every rank on the same in-order data, like the pre-tuning, and every rank then takes rank
+        zero's head rows and mixtures. Rows of unseen classes are not written.
+        """
+        deltas, model = self._deltas(pl_module), self.model(pl_module)
+        seen_classes = list(range(self._task_classes(trainer, pl_module, task).stop))
+        loader = task_loader(trainer, task, self.fisher_batch_size)
+        tasks = deltas.tasks
+        deltas.compose(uniform(tasks))
+        after, labels = extract_features(model, loader, pl_module.device)
+        settings, seed = self.pretuning, mix(self.seed, 1_000 + task)  # a stream apart from the pre-tuning's
+        mixtures = fit_class_mixtures(after, labels, n_components=settings.n_components, seed=seed % 2**32)
+        if self.composed_mixtures is not None and len(tasks) > 1:
+            deltas.compose(uniform(tasks[:-1]))
+            before, _ = extract_features(model, loader, pl_module.device)
+            moved = compensate_drift(self.composed_mixtures, before, after)
+            moved.update(mixtures)
+            mixtures = moved
+        deltas.compose(self.training_composition(task))
+        # Aligned on a CPU float32 copy, as the pre-tuning is, so every rank computes the same rows.
+        head = nn.Linear(model.head.in_features, model.head.out_features, bias=model.head.bias is not None)
+        head.load_state_dict({k: v.detach().float().cpu() for k, v in model.head.state_dict().items()})
+        align_head(head, mixtures, seen_classes,
+                   epochs=alignment_epochs(task, settings.align_epochs, settings.align_epochs_per_task),
+                   lr=settings.align_lr, batch_size=settings.batch_size, per_class=settings.samples_per_class,
+                   temperature=settings.temperature, generator=torch.Generator().manual_seed(seed))
+        aligned, state = trainer.strategy.broadcast(
+            ({k: v.detach().clone() for k, v in head.state_dict().items()}, mixtures.state_dict()), src=0)
+        check_finite(aligned, f"the head aligned at the end of [{self.algorithm.upper()}] task {task}",
+                     "Its features come from the composed model on this task's training images.")
+        rows = torch.tensor(seen_classes)
+        with torch.no_grad():
+            for name, value in aligned.items():
+                target = getattr(model.head, name)
+                target[rows.to(target.device)] = value[rows].to(target)
+        self.composed_mixtures = ClassMixtures.from_state_dict(state)
+        show(trainer, f"[{self.algorithm.upper()}] task {task}: head aligned on the composed model "
+                      f"({len(seen_classes)} classes, drift-compensated)")
 
     @torch.no_grad()
     def _start_from_pretuned(self, head: nn.Linear, task_classes: range) -> None:
@@ -604,6 +670,7 @@ class SecondOrder(L.Callback):
             "task": self.task,
             "accumulator": self.accumulator.get_extra_state(),
             "mixtures": None if self.mixtures is None else self.mixtures.state_dict(),
+            "composed_mixtures": None if self.composed_mixtures is None else self.composed_mixtures.state_dict(),
             "pretuned_head": self.pretuned_head,
             "head_curvature": self.head_curvature,
             "pretuning": asdict(self.pretuning),
@@ -617,6 +684,8 @@ class SecondOrder(L.Callback):
         self.accumulator.set_extra_state(state_dict["accumulator"])
         mixtures = state_dict["mixtures"]
         self.mixtures = None if mixtures is None else ClassMixtures.from_state_dict(mixtures)
+        composed = state_dict.get("composed_mixtures")  # absent from checkpoints of earlier versions
+        self.composed_mixtures = None if composed is None else ClassMixtures.from_state_dict(composed)
         self.pretuned_head = state_dict["pretuned_head"]
         self.head_curvature = state_dict["head_curvature"]
         self._curvature = None
