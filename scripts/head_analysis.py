@@ -21,7 +21,11 @@ synthetic features drawn from class mixtures of the *composed* model's features 
 
 - ``per task``: task t's classes from the composition of tasks 0..t (what an end-of-task alignment could see in
   a stream: each delta is fixed once its task ends, so this is exact for ITA and IEL);
-- ``oracle``: every class from the final composition (needs every task's data at the end: an upper bound).
+- ``oracle``: every class from the final composition (needs every task's data at the end: an upper bound);
+- ``drift-compensated``: as ``per task``, each older class's mixture moved at every later task by the drift that
+  task's images show (what ``head_alignment="drift_compensated"`` does in a run), for several kernel bandwidths;
+- the oracle head on the compositions θ0 + w Σ τ for w = 0.4, 0.6, 1 (the run's own is w = 1/T): what the
+  best linear head could reach on other compositions of the same deltas.
 """
 
 from __future__ import annotations
@@ -39,9 +43,10 @@ from safetensors.torch import load_file  # noqa: E402
 
 from torch.utils.data import DataLoader  # noqa: E402
 
-from lightning_taylor.alignment import align_head, fit_class_mixtures  # noqa: E402
+from lightning_taylor.alignment import ClassMixtures, align_head, fit_class_mixtures  # noqa: E402
 from lightning_taylor.callbacks.pretuning import extract_features  # noqa: E402
 from lightning_taylor.callbacks.protocol import resolve_classifier  # noqa: E402
+from lightning_taylor.drift_compensation import compensate_drift  # noqa: E402
 from lightning_taylor.editing import uniform  # noqa: E402
 from lightning_taylor.evaluation import accuracies, eval_loader, predict  # noqa: E402
 from lightning_taylor.run import load_run  # noqa: E402
@@ -90,9 +95,9 @@ def main() -> None:
             print(f"| {t} | " + " | ".join(f"{100 * v:.0f}" for v in row) + " |")
 
 
-def class_il(run, loader) -> float:
+def class_il(run, loader, composition: dict | None = None) -> float:
     data = run.datamodule
-    logits, targets = predict(run.model, loader, uniform(run.tasks))
+    logits, targets = predict(run.model, loader, uniform(run.tasks) if composition is None else composition)
     result = accuracies(logits, targets, data.num_tasks, data.classes_per_task)
     return 100 * sum(result["class_il"]) / len(result["class_il"])
 
@@ -106,13 +111,14 @@ def logit_scale(path: str, run, loader) -> None:
               + ", ".join(f"task {t} {v:.2f}" for t, v in enumerate(top.tolist())))
 
 
-def composed_features(run, tasks_of: dict[int, list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features (pre-logits) of each task's training images (test transforms) under the composition of ``tasks_of[t]``."""
+def composed_features(run, tasks_of: dict[int, list[int] | dict[int, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features (pre-logits) of each task's training images (test transforms) under ``tasks_of[t]``: the uniform
+    composition of a list of tasks, or a composition ``{task: weight}``."""
     classifier, data = resolve_classifier(run.model), run.datamodule
     device = next(run.model.parameters()).device
     features, labels = [], []
     for task, composed in tasks_of.items():
-        run.model.task_deltas.compose(uniform(composed))
+        run.model.task_deltas.compose(composed if isinstance(composed, dict) else uniform(composed))
         loader = DataLoader(data.tasks_dataset([task], "train", augment=False), batch_size=256)
         task_features, task_labels = extract_features(classifier, loader, device)
         features.append(task_features)
@@ -131,7 +137,33 @@ def realign(path: str, run, loader, trained: dict) -> None:
         run.model.head.load_state_dict(trained)
         align_head(run.model.head, mixtures, classes, epochs=30, generator=torch.Generator().manual_seed(0))
         print(f"{path}: trained head re-aligned on composed features ({name}) {class_il(run, loader):.1f} % class-IL")
+    for bandwidth in (100.0, 1.0, 0.5, 0.25):
+        mixtures = drift_compensated(run, tasks, bandwidth)
+        run.model.head.load_state_dict(trained)
+        align_head(run.model.head, mixtures, classes, epochs=30, generator=torch.Generator().manual_seed(0))
+        print(f"{path}: re-aligned on composed features (per task, drift-compensated, bandwidth {bandwidth}) "
+              f"{class_il(run, loader):.1f} % class-IL")
+    for weight in (0.4, 0.6, 1.0):  # the oracle head on other compositions: what any head could do there
+        composition = {t: weight for t in run.tasks}
+        features, labels = composed_features(run, {t: composition for t in range(tasks)})
+        mixtures = fit_class_mixtures(features, labels, n_components=5, seed=0)
+        run.model.head.load_state_dict(trained)
+        align_head(run.model.head, mixtures, classes, epochs=30, generator=torch.Generator().manual_seed(0))
+        print(f"{path}: oracle-aligned head on θ0 + {weight} Σ τ "
+              f"{class_il(run, loader, composition):.1f} % class-IL")
     run.model.head.load_state_dict(trained)
+
+
+def drift_compensated(run, tasks: int, bandwidth: float) -> ClassMixtures:
+    """What ``head_alignment="drift_compensated"`` builds at the end of the last task, from the finished deltas."""
+    mixtures = ClassMixtures()
+    for t in range(tasks):
+        after, labels = composed_features(run, {t: list(range(t + 1))})
+        if t > 0:
+            before, _ = composed_features(run, {t: list(range(t))})
+            mixtures = compensate_drift(mixtures, before, after, bandwidth)
+        mixtures.update(fit_class_mixtures(after, labels, n_components=5, seed=0))
+    return mixtures
 
 
 if __name__ == "__main__":

@@ -29,11 +29,15 @@ METHODS = {
     "ITA": "ita.yaml",
     "ITA, Monte-Carlo Fisher (K = 1)": "ita_mc.yaml",
     "ITA, KFAC": "ita_kfac.yaml",
+    "ITA, head aligned": "ita_aligned.yaml",
     "IEL": "iel.yaml",
     "IEL, KFAC": "iel_kfac.yaml",
+    "IEL, head aligned": "iel_aligned.yaml",
     "Task arithmetic (α = 0, λ_F = 0)": "baselines/task_arithmetic.yaml",
     "ITA with α = 0, head penalty kept": "baselines/head_penalty_only.yaml",
     "IEL with β = 0, head penalty kept": "baselines/iel_head_penalty_only.yaml",
+    "ITA with α = 0, head aligned": "baselines/head_penalty_only_aligned.yaml",
+    "IEL with β = 0, head aligned": "baselines/iel_head_penalty_only_aligned.yaml",
     "Sequential fine-tuning (one delta)": "baselines/sequential.yaml",
     "Joint fine-tuning (upper bound)": "baselines/joint.yaml",
     "Linear probe of θ0 (pre-tuned head)": "baselines/linear_probe.yaml",
@@ -81,17 +85,20 @@ def targets(acc: dict[str, list[float]]) -> list[tuple[str, list[float], bool]]:
 
     if {probe, joint} <= acc.keys():
         mean_at_least("joint ≥ linear probe + 5", diff(joint, probe), 5)
-    for method in ("ITA", "IEL"):
-        if {method, probe} <= acc.keys():
+    # Each method with its ablation (the same run with α = 0 / β = 0): the reference's head, and the aligned head.
+    pairs = {"ITA": "ITA with α = 0, head penalty kept", "IEL": "IEL with β = 0, head penalty kept",
+             "ITA, head aligned": "ITA with α = 0, head aligned", "IEL, head aligned": "IEL with β = 0, head aligned"}
+    for method, ablation in pairs.items():
+        if method not in acc:
+            continue
+        if probe in acc:
             mean_at_least(f"{method} ≥ linear probe + 2", diff(method, probe), 2)
-    for method, ablation in (("ITA", "ITA with α = 0, head penalty kept"), ("IEL", "IEL with β = 0, head penalty kept")):
-        if {method, ablation} <= acc.keys():
-            every_at_least(f"{method} ≥ its {ablation.split(' with ')[1].split(',')[0]} ablation + 3, every seed",
-                           diff(method, ablation), 3)
-    for method in ("ITA", "IEL"):
-        if {method, seq} <= acc.keys():
+        if ablation in acc:
+            strength = "β" if method.startswith("IEL") else "α"
+            every_at_least(f"{method} ≥ its {strength} = 0 ablation + 3, every seed", diff(method, ablation), 3)
+        if seq in acc:
             mean_at_least(f"{method} ≥ sequential + 20", diff(method, seq), 20)
-        if {method, joint} <= acc.keys():
+        if joint in acc:
             mean_at_least(f"{method} within 5 of joint", diff(method, joint), -5)
     mc = "ITA, Monte-Carlo Fisher (K = 1)"
     if {"ITA", mc} <= acc.keys():
