@@ -1,6 +1,6 @@
 """The ``lightning-taylor`` command: a LightningCLI over :class:`IncrementalViT` and the task-stream data.
 
-``lightning-taylor fit`` with no config runs the offline demo (ITA on the embedded digits stream with the
+``lightning-taylor fit`` with no config runs the offline demo (ITA on the embedded MNIST stream with the
 shipped tiny ViT), so ``lightning-taylor fit --print_config`` documents every option of the method; the
 paper's settings are in ``configs/<benchmark>/``. One ``fit`` runs a whole stream; ``--ckpt_path`` resumes it
 mid-stream in the same run directory. ``test`` / ``validate`` (and ``fit``) given only ``--ckpt_path`` — a
@@ -38,8 +38,8 @@ from lightning_taylor.run import find_checkpoint, run_directory
 from lightning_taylor.threads import auto_threads, available_cores, current_load
 
 
-#: The offline demo, the command's defaults (``configs/digits/ita.yaml`` spells out the same run).
-DEMO_DIR = "runs/digits/ita"
+#: The offline demo, the command's defaults (``configs/mnist/ita_aligned.yaml`` spells out the same run).
+DEMO_DIR = "runs/mnist/ita"
 DEMO_TRAINER: dict[str, Any] = {
     "num_sanity_val_steps": 0,
     "reload_dataloaders_every_n_epochs": 1,
@@ -52,11 +52,15 @@ DEMO_TRAINER: dict[str, Any] = {
 #: The demo's callbacks: a default of `trainer.callbacks` (a config's own list replaces it).
 DEMO_CALLBACKS: list[dict[str, Any]] = [
     {"class_path": "lightning_taylor.callbacks.ITA",
-     "init_args": {"alpha": 100.0, "lambda_fisher": 1.0, "lambda_l2": 0.001, "rank": 4}},
+     "init_args": {"alpha": 10.0, "lambda_fisher": 0.025, "lambda_l2": 0.001, "rank": 4,
+                   "head_alignment": "drift_compensated"}},
     {"class_path": "lightning_taylor.callbacks.ContinualEvaluation"},
     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
      "init_args": {"save_last": "link", "save_on_train_epoch_end": True}},
 ]
+
+#: The demo's stream and learning rate (3e-4, the module's default, underfits it: docs/learning_quality.md).
+DEMO_DEFAULTS: dict[str, Any] = {"data.dataset": "mnist", "data.num_tasks": 5, "model.lr": 2e-3}
 
 SUBCOMMANDS = {
     "fit": "train a whole task stream (no config: the offline ITA demo); --ckpt_path resumes it",
@@ -105,7 +109,7 @@ class TaylorCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data", "model.classes_per_task", compute_fn=_uniform_task_size, apply_on="instantiate")
         parser.link_arguments("data", "model.task_sizes", compute_fn=_uneven_task_sizes, apply_on="instantiate")
-        parser.set_defaults({"trainer.callbacks": DEMO_CALLBACKS})
+        parser.set_defaults({"trainer.callbacks": DEMO_CALLBACKS, **DEMO_DEFAULTS})
         parser.add_argument("--threads", type=int | None, default=None,
                             help="CPU intra-op threads; default: the free cores (load average) over the CPU "
                                  "processes; an OMP_NUM_THREADS in the environment is kept")

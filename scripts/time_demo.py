@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from lightning_taylor.cli import DEMO_DIR
 from lightning_taylor.threads import available_cores
 
 
@@ -38,7 +39,7 @@ def run_demo() -> tuple[float, float]:
         subprocess.run([sys.executable, "-m", "lightning_taylor.cli", "fit", "--trainer.enable_progress_bar", "false"],
                        cwd=cwd, env=env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         seconds = time.perf_counter() - start
-        with open(Path(cwd) / "runs" / "digits" / "ita" / "version_0" / "accuracy_class_il.csv") as handle:
+        with open(Path(cwd) / DEMO_DIR / "version_0" / "accuracy_class_il.csv") as handle:
             last = list(csv.DictReader(handle))[-1]
     return seconds, 100 * float(last["average_accuracy"])
 

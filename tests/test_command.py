@@ -5,6 +5,7 @@ import csv
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -15,6 +16,7 @@ from lightning_taylor.cli import cli
 from lightning_taylor.metrics import AccuracyMatrix
 from lightning_taylor.threads import auto_threads
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = {"img_size": 16, "patch_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 2, "in_chans": 1}
 
 
@@ -39,10 +41,21 @@ def test_help_lists_every_subcommand_with_a_description(tmp_path):
 def test_the_defaults_are_the_offline_ita_demo():
     parsed = cli([], run=False)
     algorithms = [c for c in parsed.trainer.callbacks if isinstance(c, ITA)]
-    assert len(algorithms) == 1 and algorithms[0].strength == 100.0 and algorithms[0].delta_config["rank"] == 4
+    assert len(algorithms) == 1 and algorithms[0].strength == 10.0 and algorithms[0].delta_config["rank"] == 4
+    assert algorithms[0].head_alignment == "drift_compensated"
     assert any(isinstance(c, ContinualEvaluation) for c in parsed.trainer.callbacks)
-    assert parsed.model.hparams.pretrained == "embedded" and parsed.datamodule.dataset == "digits"
+    assert parsed.model.hparams.pretrained == "embedded" and parsed.datamodule.dataset == "mnist"
+    assert parsed.model.hparams.lr == 2e-3
     assert parsed.datamodule.num_tasks == 5 and parsed.config.seed_everything == 0
+
+
+def test_the_demo_is_the_config_that_spells_it_out():
+    def settings(args):
+        config = cli(args, run=False).config.as_dict()
+        callbacks = [(c["class_path"].rsplit(".", 1)[-1], c.get("init_args", {})) for c in config["trainer"]["callbacks"]]
+        return callbacks, config["model"], config["data"], config["seed_everything"]
+
+    assert settings([]) == settings(["--config", str(CONFIGS / "mnist" / "ita_aligned.yaml")])
 
 
 def test_short_class_names_work_on_the_command_line():
@@ -119,7 +132,7 @@ def run_dir(tmp_path_factory):
     }
     (cwd / "tiny.yaml").write_text(yaml.safe_dump(config))
     command("fit", "--config", "tiny.yaml", cwd=cwd)
-    return cwd, cwd / "runs" / "digits" / "ita" / "version_0"
+    return cwd, cwd / "runs" / "mnist" / "ita" / "version_0"
 
 
 def test_a_run_directory_holds_the_run(run_dir):
