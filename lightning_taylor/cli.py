@@ -16,6 +16,7 @@ Bad settings and non-finite values end the command with a one-line message (exit
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -38,7 +39,8 @@ from lightning_taylor.run import find_checkpoint, run_directory
 from lightning_taylor.threads import auto_threads, available_cores, current_load
 
 
-#: The offline demo, the command's defaults (``configs/mnist/ita_aligned.yaml`` spells out the same run).
+#: The offline demo: the trainer's defaults, and the settings that ``fit`` without ``--config`` runs
+#: (``configs/mnist/ita_aligned.yaml`` spells out the same run).
 DEMO_DIR = "runs/mnist/ita"
 DEMO_TRAINER: dict[str, Any] = {
     "num_sanity_val_steps": 0,
@@ -49,7 +51,7 @@ DEMO_TRAINER: dict[str, Any] = {
     "logger": {"class_path": "lightning_taylor.loggers.ResumableCSVLogger",
                "init_args": {"save_dir": DEMO_DIR, "name": ""}},
 }
-#: The demo's callbacks: a default of `trainer.callbacks` (a config's own list replaces it).
+#: The demo's callbacks.
 DEMO_CALLBACKS: list[dict[str, Any]] = [
     {"class_path": "lightning_taylor.callbacks.ITA",
      "init_args": {"alpha": 10.0, "lambda_fisher": 0.025, "lambda_l2": 0.001, "rank": 4,
@@ -59,8 +61,11 @@ DEMO_CALLBACKS: list[dict[str, Any]] = [
      "init_args": {"save_last": "link", "save_on_train_epoch_end": True}},
 ]
 
-#: The demo's stream and learning rate (3e-4, the module's default, underfits it: docs/learning_quality.md).
-DEMO_DEFAULTS: dict[str, Any] = {"data.dataset": "mnist", "data.num_tasks": 5, "model.lr": 2e-3}
+#: What ``fit`` without ``--config`` runs, given to the parser as a config (not as defaults: jsonargparse would
+#: merge a config's callbacks item by item into default ones, so the demo's settings would leak into every
+#: config). The learning rate: 3e-4, the module's default, underfits this stream (docs/learning_quality.md).
+DEMO_CONFIG: dict[str, Any] = {"trainer": {"callbacks": DEMO_CALLBACKS}, "model": {"lr": 2e-3},
+                               "data": {"dataset": "mnist", "num_tasks": 5}}
 
 SUBCOMMANDS = {
     "fit": "train a whole task stream (no config: the offline ITA demo); --ckpt_path resumes it",
@@ -109,7 +114,6 @@ class TaylorCLI(LightningCLI):
         parser.link_arguments("data.num_classes", "model.num_classes", apply_on="instantiate")
         parser.link_arguments("data", "model.classes_per_task", compute_fn=_uniform_task_size, apply_on="instantiate")
         parser.link_arguments("data", "model.task_sizes", compute_fn=_uneven_task_sizes, apply_on="instantiate")
-        parser.set_defaults({"trainer.callbacks": DEMO_CALLBACKS, **DEMO_DEFAULTS})
         parser.add_argument("--threads", type=int | None, default=None,
                             help="CPU intra-op threads; default: the free cores (load average) over the CPU "
                                  "processes; an OMP_NUM_THREADS in the environment is kept")
@@ -206,6 +210,17 @@ def _with_run_config(args: list[str]) -> list[str]:
     return [args[0], "--config", os.fspath(config), *args[1:]]
 
 
+def _with_demo_config(args: list[str], subcommand: bool = True) -> list[str]:
+    """``fit`` without ``--config`` or ``--ckpt_path`` (or, without subcommands, any such call): the demo's config first."""
+    rest = args[1:] if subcommand else args
+    if subcommand and args[:1] != ["fit"]:
+        return args
+    if {"-c", "--config", "--ckpt_path"} & set(rest) or any(a.startswith(("--config=", "--ckpt_path=")) for a in rest):
+        return args
+    demo = ["--config", json.dumps(DEMO_CONFIG)]  # jsonargparse takes a config's content in place of a path
+    return [*args[:1], *demo, *rest] if subcommand else [*demo, *rest]
+
+
 def _option(args: Sequence[str], name: str) -> str | None:
     for i, arg in enumerate(args):
         if arg == name and i + 1 < len(args):
@@ -217,6 +232,8 @@ def _option(args: Sequence[str], name: str) -> str | None:
 
 def cli(args: list[str] | None = None, run: bool = True) -> TaylorCLI:
     """Build (and with ``run``, execute) the CLI; ``args`` default to the command line."""
+    if args is not None:
+        args = _with_demo_config(list(args), subcommand=run)
     return TaylorCLI(
         IncrementalViT,
         TaskStreamDataModule,
@@ -257,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             if not args:
                 raise SystemExit(2)
         else:
-            sys.argv[1:] = _with_run_config(args)  # LightningCLI reads sys.argv (and warns when given both)
+            # LightningCLI reads sys.argv (and warns when given both it and `args`).
+            sys.argv[1:] = _with_demo_config(_with_run_config(args))
             cli()
     except (InputError, NonFiniteError) as err:
         if os.environ.get("LIGHTNING_TAYLOR_TRACEBACK"):
