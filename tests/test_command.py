@@ -58,6 +58,15 @@ def test_the_demo_is_the_config_that_spells_it_out():
     assert settings([]) == settings(["--config", str(CONFIGS / "mnist" / "ita_aligned.yaml")])
 
 
+def test_a_config_takes_nothing_from_the_demo():
+    # jsonargparse merges list items of subclass specs: demo defaults would fill a config's unset init_args.
+    parsed = cli(["--config", str(CONFIGS / "mnist" / "baselines" / "task_arithmetic.yaml")], run=False)
+    (method,) = [c for c in parsed.trainer.callbacks if isinstance(c, ITA)]
+    assert method.head_alignment == "none" and method.lambda_fisher == 0.0  # λ_F = α = 0, as the config says
+    digits = cli(["--config", str(CONFIGS / "digits" / "ita.yaml")], run=False)
+    assert digits.model.hparams.lr == 3e-4 and digits.datamodule.dataset == "digits"
+
+
 def test_short_class_names_work_on_the_command_line():
     parsed = cli(["--trainer.callbacks=IEL", "--trainer.callbacks.beta=3.0", "--trainer.callbacks+=ContinualEvaluation"],
                  run=False)
