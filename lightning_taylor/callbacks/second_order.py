@@ -272,8 +272,8 @@ class SecondOrder(L.Callback):
         others = [type(c).__name__ for c in trainer.callbacks if isinstance(c, SecondOrder) and c is not self]
         if others:
             raise expected("trainer.callbacks", "one ITA / IEL / baseline callback", [type(self).__name__, *others],
-                           "Each one attaches and trains its own deltas; keep one (a config's `trainer.callbacks` "
-                           "list replaces the default demo list, `--trainer.callbacks+=` appends to it).")
+                           "Each one attaches and trains its own deltas; keep one (`--trainer.callbacks+=` appends "
+                           "to the config's list, or to the demo's when no --config is given).")
         self.seed = run_seed(self.seed)  # follow seed_everything, resolved when the run starts
         model = self.model(pl_module)
         if getattr(pl_module, "task_deltas", None) is None:
