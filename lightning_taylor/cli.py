@@ -211,7 +211,8 @@ def _with_run_config(args: list[str]) -> list[str]:
 
 
 def _with_demo_config(args: list[str], subcommand: bool = True) -> list[str]:
-    """``fit`` without ``--config`` or ``--ckpt_path`` (or, without subcommands, any such call): the demo's config first."""
+    """``fit`` without ``--config`` or ``--ckpt_path`` (without subcommands: any such call) gets the demo's config
+    first."""
     rest = args[1:] if subcommand else args
     if subcommand and args[:1] != ["fit"]:
         return args

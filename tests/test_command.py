@@ -52,7 +52,8 @@ def test_the_defaults_are_the_offline_ita_demo():
 def test_the_demo_is_the_config_that_spells_it_out():
     def settings(args):
         config = cli(args, run=False).config.as_dict()
-        callbacks = [(c["class_path"].rsplit(".", 1)[-1], c.get("init_args", {})) for c in config["trainer"]["callbacks"]]
+        callbacks = [(c["class_path"].rsplit(".", 1)[-1], c.get("init_args", {}))
+                     for c in config["trainer"]["callbacks"]]
         return callbacks, config["model"], config["data"], config["seed_everything"]
 
     assert settings([]) == settings(["--config", str(CONFIGS / "mnist" / "ita_aligned.yaml")])
