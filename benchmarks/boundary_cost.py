@@ -40,8 +40,9 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lightning_taylor.callbacks import ITA, PreTuning  # noqa: E402
-from lightning_taylor.callbacks import second_order  # noqa: E402
-from lightning_taylor.module import IncrementalViT  # noqa: E402
+from lightning_taylor.callbacks import _boundary as boundary  # noqa: E402
+from lightning_taylor.callbacks._curvature import DiagonalCurvature  # noqa: E402
+from lightning_taylor.model.module import IncrementalViT  # noqa: E402
 
 PARTS = ("features", "pre-tuning", "backbone Fisher", "head Fisher")
 
@@ -96,17 +97,16 @@ def timed_parts(times: dict[str, float], profile: cProfile.Profile | None = None
                 times[part] = times.get(part, 0.0) + time.perf_counter() - start
         return wrapper
 
-    saved = (second_order.extract_features, second_order.pretune_head, second_order.SecondOrder._backbone_fisher,
-             second_order.SecondOrder._head_fisher)
-    second_order.extract_features = wrap(saved[0], "features")
-    second_order.pretune_head = wrap(saved[1], "pre-tuning")
-    second_order.SecondOrder._backbone_fisher = wrap(saved[2], "backbone Fisher")
-    second_order.SecondOrder._head_fisher = wrap(saved[3], "head Fisher")
+    saved = (boundary.extract_features, boundary.pretune_head, DiagonalCurvature.estimate, boundary.head_curvature)
+    boundary.extract_features = wrap(saved[0], "features")
+    boundary.pretune_head = wrap(saved[1], "pre-tuning")
+    DiagonalCurvature.estimate = wrap(saved[2], "backbone Fisher")
+    boundary.head_curvature = wrap(saved[3], "head Fisher")
     try:
         yield
     finally:
-        (second_order.extract_features, second_order.pretune_head, second_order.SecondOrder._backbone_fisher,
-         second_order.SecondOrder._head_fisher) = saved
+        (boundary.extract_features, boundary.pretune_head, DiagonalCurvature.estimate,
+         boundary.head_curvature) = saved
 
 
 def one_fit(args: argparse.Namespace, classes: int, estimator: str, save_dir: str,

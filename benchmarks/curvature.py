@@ -8,8 +8,8 @@ training images of the whole stream, it compares three quadratic forms of each t
 
 - exact: the generalised Gauss-Newton form ``(1/n) Σ_x (J_x τ)ᵀ (diag p − p pᵀ) (J_x τ)`` (for softmax
   cross-entropy the GGN equals the true Fisher), from one Jacobian-vector product per batch (``torch.func``);
-- diagonal: ``Σ F̄ ⊙ τ²`` with the exact diagonal Fisher of :mod:`lightning_taylor.fisher` on the same images;
-- KFAC: ``Σ_layers tr(Ḡ τ Ā τᵀ)`` with the exact-cotangent Kronecker factors of :mod:`lightning_taylor.kfac`
+- diagonal: ``Σ F̄ ⊙ τ²`` with the exact diagonal Fisher of :mod:`lightning_taylor.curvature.diagonal` on the same images;
+- KFAC: ``Σ_layers tr(Ḡ τ Ā τᵀ)`` with the exact-cotangent Kronecker factors of :mod:`lightning_taylor.curvature.kfac`
   ("expand" and "reduce").
 
 and prints each approximation's ratio to the exact form (1 = exact; the forms are per-example means, no
@@ -21,10 +21,10 @@ Cost, in one process, KFAC against the diagonal (ratios; float32 as in training)
     python benchmarks/curvature.py --penalty-model vit_base_patch16_224 --rank 16
 
 ``--cost`` times the part of a task boundary that differs (the backbone curvature pass at θ0 with the run's
-pre-tuned head: :func:`~lightning_taylor.fisher.diagonal_fisher` against
-:func:`~lightning_taylor.kfac.kronecker_sums`, same images, estimator ``exact`` and ``mc``) and the per-step
-penalty (:func:`~lightning_taylor.penalties.delta_penalty` against
-:func:`~lightning_taylor.kfac_penalties.kfac_delta_penalty`, ITA and IEL) of the run's last task.
+pre-tuned head: :func:`~lightning_taylor.curvature.diagonal.diagonal_fisher` against
+:func:`~lightning_taylor.curvature.kfac.kronecker_sums`, same images, estimator ``exact`` and ``mc``) and the per-step
+penalty (:func:`~lightning_taylor.penalties.diagonal.delta_penalty` against
+:func:`~lightning_taylor.penalties.kfac.kfac_delta_penalty`, ITA and IEL) of the run's last task.
 ``--penalty-model`` times the per-step penalty alone for a timm model with random weights, LoRA deltas
 and random factors (the cost does not depend on the values), e.g. at the size of the paper's ViT-B/16.
 """
@@ -47,11 +47,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lightning_taylor.deltas import TaskDeltas  # noqa: E402
-from lightning_taylor.fisher import diagonal_fisher  # noqa: E402
-from lightning_taylor.kfac import kronecker_sums, quadratic  # noqa: E402
-from lightning_taylor.kfac_penalties import kfac_delta_penalty, prepare_curvature  # noqa: E402
+from lightning_taylor.curvature import diagonal_fisher  # noqa: E402
+from lightning_taylor.curvature import kronecker_sums, quadratic  # noqa: E402
+from lightning_taylor.penalties.kfac import kfac_delta_penalty, prepare_curvature  # noqa: E402
 from lightning_taylor.penalties import delta_penalty  # noqa: E402
-from lightning_taylor.run import load_run  # noqa: E402
+from lightning_taylor.runs.load import load_run  # noqa: E402
 
 
 def ggn_form(model: torch.nn.Module, batches: list, tangents: dict[str, torch.Tensor]) -> float:

@@ -10,7 +10,7 @@ Run from the repository root after training the runs, e.g. ITA, IEL and unregula
     python benchmarks/editing_report.py runs/digits/ita/editing runs/digits/iel/editing \\
         runs/digits/task_arithmetic/editing --labels ITA IEL "TA (α=0)" --output-dir runs/editing_report
 
-For each run (a run directory or a checkpoint, see :func:`lightning_taylor.run.load_run`) and each task k
+For each run (a run directory or a checkpoint, see :func:`lightning_taylor.runs.load.load_run`) and each task k
 it evaluates, on the test sets of all seen tasks, the uniform composition (1/T) Σ_s τ_s ("before") and
 
 - **drop k** (unlearning): m_k = 0, the others keep 1/T (``--renormalise``: 1/(T−1));
@@ -43,10 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from lightning_taylor.edit import Edit, task_classes  # noqa: E402
-from lightning_taylor.evaluation import accuracies, eval_loader, predict  # noqa: E402
-from lightning_taylor.run import load_run  # noqa: E402
-from lightning_taylor.editing import uniform  # noqa: E402
+from lightning_taylor.data.split import classes_of  # noqa: E402
+from lightning_taylor.deltas.composition import uniform  # noqa: E402
+from lightning_taylor.runs import Edit  # noqa: E402
+from lightning_taylor.runs.evaluate import accuracies, eval_loader, predict  # noqa: E402
+from lightning_taylor.runs.load import load_run  # noqa: E402
 
 FIELDS = ["method", "edit", "k", "task_k_before", "task_k_after", "task_k_til_before", "task_k_til_after",
           "others_before", "others_after", "task_k_after_masked", "others_after_masked"]
@@ -77,7 +78,7 @@ def report_run(path: str, label: str | None, renormalise: bool, device: str) -> 
             removed = [k] if kind == "drop" else [t for t in tasks if t != k]
             logits, targets = predict(run.model, loader, composition)
             after = accuracies(logits, targets, data.num_tasks, k_per)
-            masked = accuracies(logits, targets, data.num_tasks, k_per, task_classes(removed, run.task_ranges))
+            masked = accuracies(logits, targets, data.num_tasks, k_per, classes_of(removed, run.task_ranges))
             rows.append({
                 "method": method, "edit": kind, "k": k,
                 "task_k_before": before["class_il"][k], "task_k_after": after["class_il"][k],

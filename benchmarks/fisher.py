@@ -6,7 +6,7 @@ Run from the repository root (about 3-5 minutes on 2 CPU cores):
 
 For every class count C it builds the same tiny timm ViT and the same data, then
 
-1. times the reference algorithm (below) and each estimator of ``lightning_taylor.fisher`` — one warm-up
+1. times the reference algorithm (below) and each estimator of ``lightning_taylor.curvature.diagonal`` — one warm-up
    call each, then ``--repeats`` rounds in which every method runs once (round-robin, so that load from
    other processes hits all methods alike) — and prints medians and the ratio reference / method;
 2. prints each estimator's relative error ``‖F̂ − F‖ / ‖F‖`` against ``exact`` (all targets together);
@@ -42,7 +42,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
-from lightning_taylor.fisher import diagonal_fisher  # noqa: E402
+from lightning_taylor.curvature import diagonal_fisher  # noqa: E402
 
 LAYERS = ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
 

@@ -33,8 +33,8 @@ import torch  # noqa: E402
 from torch import Tensor, nn  # noqa: E402
 
 import fisher as fisher_bench  # noqa: E402  (benchmarks/fisher.py: model and data)
-from lightning_taylor import fisher as lt_fisher  # noqa: E402
-from lightning_taylor.fisher import diagonal_fisher  # noqa: E402
+from lightning_taylor.curvature import diagonal as lt_fisher  # noqa: E402
+from lightning_taylor.curvature import diagonal_fisher  # noqa: E402
 
 
 def micro_batches(model: nn.Module, modules: dict[str, nn.Module], batch: Tensor, num_classes: int) -> list[slice]:

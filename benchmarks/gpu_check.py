@@ -10,7 +10,7 @@ or, without a GPU, the reduced CPU mode that CI runs (``tests/test_benchmarks.py
 
 Every part prints its figures and ends in checks (``yes`` / ``NO``); the exit status is 1 when a check fails.
 
-1. **Fisher vs a float64 reference**: the exact Fisher of ``lightning_taylor.fisher`` on the device in
+1. **Fisher vs a float64 reference**: the exact Fisher of ``lightning_taylor.curvature.diagonal`` on the device in
    float32 against the reference algorithm (``benchmarks/fisher.py``: one backward per class) in float64 on
    the CPU, same model and data: relative error ``‖F̂ − F‖ / ‖F‖`` ≤ 1e-5.
 2. **Streams**: 2-task ITA and IEL fits (tiny ViT, digits) on the device: the deltas are banked, everything
@@ -33,7 +33,6 @@ import contextlib
 import io
 import logging
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -51,8 +50,8 @@ import torch  # noqa: E402
 import fisher as fisher_bench  # noqa: E402  (benchmarks/fisher.py: model, data and the reference algorithm)
 from lightning_taylor.callbacks import IEL, ITA, PreTuning  # noqa: E402
 from lightning_taylor.data import TaskStreamDataModule  # noqa: E402
-from lightning_taylor.fisher import diagonal_fisher  # noqa: E402
-from lightning_taylor.module import IncrementalViT  # noqa: E402
+from lightning_taylor.curvature import diagonal_fisher  # noqa: E402
+from lightning_taylor.model.module import IncrementalViT  # noqa: E402
 
 TINY = dict(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2, in_chans=1)
 FAST_PRETUNING = PreTuning(probe_epochs=1, align_epochs=1, align_epochs_per_task=0, samples_per_class=16)

@@ -32,7 +32,7 @@ import torch  # noqa: E402
 
 from lightning_taylor.callbacks import ITA, PreTuning  # noqa: E402
 from lightning_taylor.data import TaskStreamDataModule  # noqa: E402
-from lightning_taylor.module import IncrementalViT  # noqa: E402
+from lightning_taylor.model.module import IncrementalViT  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from step_overhead import StepTimer, timed  # noqa: E402 (the same step timing as the overhead benchmark)

@@ -46,9 +46,9 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
-from lightning_taylor.backbone import embedded_metadata, embedded_weights  # noqa: E402
+from lightning_taylor.model.backbone import embedded_metadata, embedded_weights  # noqa: E402
 from lightning_taylor.deltas import TaskDeltas, merged_state_dict  # noqa: E402
-from lightning_taylor.editing import uniform  # noqa: E402
+from lightning_taylor.deltas.composition import uniform  # noqa: E402
 
 
 def build_plain(args: argparse.Namespace) -> tuple[nn.Module, dict]:

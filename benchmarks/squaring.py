@@ -5,7 +5,7 @@ Run from the repository root (a few minutes on 1 CPU thread):
     python benchmarks/squaring.py --threads 1
 
 The squaring adds ``Σ_k Σ_b (g_kbᵀ a_b)²`` to a layer's Fisher sum (module docstring of
-``lightning_taylor/fisher.py``). The first table times, per case (K cotangents, B examples, N tokens,
+``lightning_taylor/curvature/_squaring.py``). The first table times, per case (K cotangents, B examples, N tokens,
 out × in), medians of ``--repeats`` interleaved rounds after one warm-up:
 
 * ``direct``: ``_add_direct_squares`` (per-example gradients, each added as ``out += P ⊙ P``), 2 MiB blocks;
@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from torch import Tensor  # noqa: E402
 
-from lightning_taylor import fisher  # noqa: E402
+from lightning_taylor.curvature import _squaring as fisher  # noqa: E402
 
 SMALL, LARGE = 1 << 19, 1 << 22  # today's CPU block, and the block used before (elements)
 

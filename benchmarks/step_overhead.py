@@ -49,7 +49,7 @@ import torch  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from lightning_taylor.callbacks import IEL, ITA, PreTuning  # noqa: E402
-from lightning_taylor.module import IncrementalViT  # noqa: E402
+from lightning_taylor.model.module import IncrementalViT  # noqa: E402
 
 VARIANTS = ("lora", "ita", "iel", "iel_coupled")
 FAST_PRETUNING = PreTuning(probe_epochs=1, align_epochs=1, align_epochs_per_task=0, samples_per_class=16)

@@ -7,7 +7,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from lightning_taylor.backbone import create_backbone
+from lightning_taylor.model.backbone import create_backbone
 
 
 class MyViT(L.LightningModule):

@@ -1,22 +1,12 @@
-"""Argument checks with one error template: "Expected `name` to be <what>, but got <value>." plus a hint."""
+"""Argument checks; each failure is :func:`lightning_taylor.errors.expected`'s one-line error naming the argument."""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+import numbers
+from typing import Any, Iterable, Mapping
 
-
-class InputError(ValueError):
-    """A bad argument, file or setting: the message says which, its value and what was expected.
-
-    The ``lightning-taylor`` command prints these as one line (no traceback) and exits with status 2.
-    """
-
-
-def expected(name: str, what: str, got: Any, hint: str = "") -> InputError:
-    """Build the project's standard error for a bad argument."""
-    message = f"Expected `{name}` to be {what}, but got {got!r}."
-    return InputError(f"{message} {hint}".rstrip())
+from lightning_taylor.errors import expected
 
 
 def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
@@ -31,10 +21,11 @@ def check_non_negative(name: str, value: float) -> None:
         raise expected(name, "a finite float >= 0", value)
 
 
-def check_finite(name: str, value: float) -> None:
-    """A finite float (edit factors, coefficients)."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise expected(name, "a finite float", value)
+def check_finite_numbers(name: str, values: Mapping[Any, Any]) -> None:
+    """A mapping ``key -> finite number`` (composition coefficients, edit factors); names the offending key."""
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+            raise expected(name, "finite numbers (no NaN or inf)", dict(values), f"Task {key} has {value!r}.")
 
 
 def check_positive_int(name: str, value: int) -> None:

@@ -15,12 +15,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
-
-class NonFiniteError(FloatingPointError):
-    """A loss, gradient, delta, curvature or loaded tensor holds NaN or ±inf.
-
-    The ``lightning-taylor`` command prints these as one line (no traceback) and exits with status 1.
-    """
+from lightning_taylor.errors import NonFiniteError, expected
 
 
 def all_finite(tensors: Iterable[Tensor]) -> bool:
@@ -77,3 +72,14 @@ def flatten_tensors(value: object, prefix: str = "") -> Iterable[tuple[str, Tens
     elif isinstance(value, (list, tuple)):
         for index, item in enumerate(value):
             yield from flatten_tensors(item, f"{prefix}.{index}" if prefix else str(index))
+
+
+def check_finite_examples(what: str, values: Tensor, start: int) -> None:
+    """Refuse non-finite rows of ``values``, a batch whose first example is example ``start`` of a loader: an
+    input error naming the examples (bad data, not a numerical failure; one ``isfinite`` per batch)."""
+    finite = torch.isfinite(values.flatten(1)).all(1)
+    if not bool(finite.all()):
+        bad = (start + torch.nonzero(~finite).flatten()).tolist()
+        raise expected(f"the task-boundary {what}", "finite", f"NaN or inf in examples {bad[:10]} of the loader "
+                       "(in loader order)",
+                       "These feed the class mixtures and the Fisher; check the data of this task.")

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
-from lightning_taylor._checks import check_non_negative_int, check_positive_int, expected
+from lightning_taylor._checks import check_non_negative_int, check_positive_int
+from lightning_taylor.errors import expected
 
 
 def _task_sizes(classes_per_task: int | Sequence[int], num_tasks: int) -> list[int]:

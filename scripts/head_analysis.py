@@ -40,16 +40,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
-
 from torch.utils.data import DataLoader  # noqa: E402
 
-from lightning_taylor.alignment import ClassMixtures, align_head, fit_class_mixtures  # noqa: E402
-from lightning_taylor.callbacks.pretuning import extract_features  # noqa: E402
 from lightning_taylor.callbacks.protocol import resolve_classifier  # noqa: E402
-from lightning_taylor.drift_compensation import compensate_drift  # noqa: E402
-from lightning_taylor.editing import uniform  # noqa: E402
-from lightning_taylor.evaluation import accuracies, eval_loader, predict  # noqa: E402
-from lightning_taylor.run import load_run  # noqa: E402
+from lightning_taylor.deltas.composition import uniform  # noqa: E402
+from lightning_taylor.head import ClassMixtures, align_head, fit_class_mixtures  # noqa: E402
+from lightning_taylor.head.drift import compensate_drift  # noqa: E402
+from lightning_taylor.head.pretuning import extract_features  # noqa: E402
+from lightning_taylor.runs.evaluate import accuracies, eval_loader, predict  # noqa: E402
+from lightning_taylor.runs.load import load_run  # noqa: E402
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from lightning_taylor.cli import DEMO_DIR
-from lightning_taylor.threads import available_cores
+from lightning_taylor.cli.fit import DEMO_DIR
+from lightning_taylor.cli.threads import available_cores
 
 
 def _spin() -> None:  # a CPU-bound process standing for other work on the machine

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+from lightning_taylor.curvature import diagonal_fisher
 from lightning_taylor.deltas import TaskDeltas, export_merged
-from lightning_taylor.fisher import diagonal_fisher
 
 _VIT = dict(img_size=32, patch_size=8, embed_dim=24, depth=2, num_heads=2)
 _VIT14 = dict(_VIT, img_size=28, patch_size=7)

@@ -19,7 +19,7 @@ import torch
 
 from lightning_taylor.callbacks import ITA, ContinualEvaluation, PreTuning
 from lightning_taylor.data import TaskStreamDataModule
-from lightning_taylor.module import IncrementalViT
+from lightning_taylor.model.module import IncrementalViT
 
 TASKS = 3
 

@@ -14,7 +14,7 @@ import torch
 from lightning_taylor.callbacks import ITA, PreTuning
 from lightning_taylor.data import TaskStreamDataModule
 from lightning_taylor.deltas import save_deltas
-from lightning_taylor.module import IncrementalViT
+from lightning_taylor.model.module import IncrementalViT
 
 TINY = dict(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2, in_chans=1)
 TASKS = 3  # trained tasks out of the stream's 5

@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_taylor.alignment import (
+from lightning_taylor.head import (
     ClassMixtures,
     align_head,
     alignment_epochs,

@@ -4,7 +4,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightning_taylor.backbone import create_backbone, embedded_metadata, embedded_weights
+from lightning_taylor.model.backbone import (
+    create_backbone,
+    embedded_metadata,
+    embedded_weights,
+)
 
 
 def test_embedded_backbone_loads_the_shipped_weights_and_a_fresh_head():
@@ -73,8 +77,8 @@ def test_checkpoint_files_with_a_nested_state_dict_load(tmp_path):
 
 
 def test_input_size_follows_the_patch_embedding():
-    from lightning_taylor.backbone import input_size
-    from lightning_taylor.module import IncrementalViT
+    from lightning_taylor.model.backbone import input_size
+    from lightning_taylor.model.module import IncrementalViT
 
     assert IncrementalViT().input_size == (1, 28, 28)  # the embedded backbone
     model = IncrementalViT("vit_tiny_patch16_224", pretrained=False, model_kwargs={**SMALL, "img_size": 24})

@@ -12,13 +12,12 @@ import pytest
 import timm
 import torch
 import yaml
+from benchmark_fakes import IMAGES, WRITERS, write_all
 
 import lightning_taylor.data.benchmarks.base as base_module
-from lightning_taylor._checks import InputError
 from lightning_taylor.data import ClassIncrementalSplit, TaskStreamDataModule
 from lightning_taylor.data.benchmarks import BENCHMARKS, seeded_split
-
-from benchmark_fakes import IMAGES, WRITERS, write_all
+from lightning_taylor.errors import InputError
 
 #: the reference task structure of the issue: tasks x classes
 STRUCTURE = {"imagenet_r": [20] * 10, "cub200": [20] * 10, "cars196": [20] * 9 + [16], "eurosat": [2] * 5,
@@ -278,8 +277,8 @@ def test_cars196_uneven_stream_end_to_end(roots, tmp_path, method):
     import safetensors.torch
 
     from lightning_taylor.callbacks import IEL, ITA, ContinualEvaluation, PreTuning
-    from lightning_taylor.edit import Edit, apply_edit, export, load_run
-    from lightning_taylor.module import IncrementalViT
+    from lightning_taylor.model.module import IncrementalViT
+    from lightning_taylor.runs import Edit, apply_edit, export, load_run
 
     torch.set_num_threads(1)
     L.seed_everything(0, verbose=False)

@@ -40,7 +40,7 @@ def test_cifar100_config_has_the_reference_values():
     parsed = cli(["--config", next(c for c in CONFIGS if c.endswith("cifar100/ita.yaml")), *OFFLINE], run=False)
     ita = next(c for c in parsed.trainer.callbacks if isinstance(c, ITA))
     assert (ita.strength, ita.lambda_fisher, ita.lambda_l2) == (0.02, 0.025, 0.001)
-    assert ita.delta_config["rank"] == 16 and parsed.model.hparams.lr == 3e-4
+    assert ita.delta_settings.rank == 16 and parsed.model.hparams.lr == 3e-4
     assert parsed.trainer.accumulate_grad_batches == 16 and parsed.datamodule.batch_size == 8
     assert parsed.datamodule.epochs_per_task == 20 and parsed.datamodule.num_tasks == 10
 

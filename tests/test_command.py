@@ -13,8 +13,8 @@ import yaml
 from lightning_taylor.callbacks import ITA, ContinualEvaluation
 from lightning_taylor.callbacks.continual_evaluation import log_matrix
 from lightning_taylor.cli import cli
+from lightning_taylor.cli.threads import auto_threads
 from lightning_taylor.metrics import AccuracyMatrix
-from lightning_taylor.threads import auto_threads
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 TINY = {"img_size": 16, "patch_size": 8, "embed_dim": 24, "depth": 2, "num_heads": 2, "in_chans": 1}
@@ -41,7 +41,7 @@ def test_help_lists_every_subcommand_with_a_description(tmp_path):
 def test_the_defaults_are_the_offline_ita_demo():
     parsed = cli([], run=False)
     algorithms = [c for c in parsed.trainer.callbacks if isinstance(c, ITA)]
-    assert len(algorithms) == 1 and algorithms[0].strength == 10.0 and algorithms[0].delta_config["rank"] == 4
+    assert len(algorithms) == 1 and algorithms[0].strength == 10.0 and algorithms[0].delta_settings.rank == 4
     assert algorithms[0].head_alignment == "drift_compensated"
     assert any(isinstance(c, ContinualEvaluation) for c in parsed.trainer.callbacks)
     assert parsed.model.hparams.pretrained == "embedded" and parsed.datamodule.dataset == "mnist"

@@ -533,7 +533,7 @@ class _PlainTimmModule(L.LightningModule):
 
 
 def test_stream_follows_the_model_input(image_folder):
-    from lightning_taylor.module import IncrementalViT
+    from lightning_taylor.model.module import IncrementalViT
 
     dm = TaskStreamDataModule(dataset="imagefolder", root=str(image_folder), num_tasks=2, batch_size=4, mean=0.5)
     assert (dm.in_chans, dm.image_size) == (3, 224)  # the data set's defaults until a model says otherwise

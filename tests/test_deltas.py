@@ -7,9 +7,15 @@ from conftest import TINY_VIT, make_vit
 from helpers import randomise_slot, train_stream
 
 from lightning_taylor.deltas import (
-    DEFAULT_TARGETS, LoRADelta, TaskDeltas, export_merged, load_deltas, load_merged, save_deltas,
+    DEFAULT_TARGETS,
+    LoRADelta,
+    TaskDeltas,
+    export_merged,
+    load_deltas,
+    load_merged,
+    save_deltas,
 )
-from lightning_taylor.editing import uniform
+from lightning_taylor.deltas.composition import uniform
 
 STYLES = ["lora", "full", "ia3"]
 

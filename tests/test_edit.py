@@ -1,4 +1,4 @@
-"""Editing a finished run (lightning_taylor.edit): loading, the edit algebra, masking, export, the CLI."""
+"""Editing a finished run (lightning_taylor.runs.edit): loading, the edit algebra, masking, export, the CLI."""
 
 import json
 import math
@@ -11,15 +11,21 @@ import pytest
 import timm
 import torch
 import yaml
+from finished_run import TASKS, TINY, copy_run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from finished_run import TASKS, TINY, copy_run
-
 from lightning_taylor import cli as cli_module
-from lightning_taylor.edit import Edit, apply_edit, evaluate, export, load_run, predict, removed_tasks
-from lightning_taylor.editing import uniform
-
+from lightning_taylor.deltas.composition import uniform
+from lightning_taylor.runs import (
+    Edit,
+    apply_edit,
+    evaluate,
+    export,
+    load_run,
+    predict,
+    removed_tasks,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -191,7 +197,7 @@ def test_cli_edit_end_to_end(run_dir, tmp_path, monkeypatch, capsys):
 
 
 def test_cli_rejects_bad_factors(run_dir):
-    from lightning_taylor.edit import main
+    from lightning_taylor.cli.edit import main
 
     with pytest.raises(ValueError, match="TASK=FACTOR"):
         main([str(run_dir), "--factor", "0:0.5"])

@@ -3,7 +3,14 @@ import torch
 from helpers import train_stream
 
 from lightning_taylor.deltas import TaskDeltas
-from lightning_taylor.editing import Composition, check_layer_patterns, reweight, specialise, uniform, unlearn
+from lightning_taylor.deltas.composition import (
+    Composition,
+    check_layer_patterns,
+    reweight,
+    specialise,
+    uniform,
+    unlearn,
+)
 
 
 def test_uniform_and_edits_follow_the_paper():

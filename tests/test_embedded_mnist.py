@@ -6,7 +6,7 @@ import torch
 
 from lightning_taylor.callbacks import ITA, PreTuning
 from lightning_taylor.data import TaskStreamDataModule, load_embedded_splits
-from lightning_taylor.module import IncrementalViT
+from lightning_taylor.model.module import IncrementalViT
 
 TINY = dict(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2, in_chans=1)
 

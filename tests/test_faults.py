@@ -10,10 +10,15 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from safetensors.torch import load_file
 
 from lightning_taylor.callbacks import ITA, ContinualEvaluation, PreTuning
-from lightning_taylor.callbacks.second_order import SecondOrder
+from lightning_taylor.callbacks._curvature import DiagonalCurvature
 from lightning_taylor.data import TaskStreamDataModule
-from lightning_taylor.finite import NonFiniteError, all_finite, check_finite, first_non_finite
-from lightning_taylor.module import IncrementalViT
+from lightning_taylor.finite import (
+    NonFiniteError,
+    all_finite,
+    check_finite,
+    first_non_finite,
+)
+from lightning_taylor.model.module import IncrementalViT
 
 TINY = dict(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2, in_chans=1)
 FAST_PRETUNING = PreTuning(probe_epochs=1, align_epochs=2, align_epochs_per_task=1, samples_per_class=32)
@@ -123,7 +128,7 @@ def test_skip_step_drops_the_step_and_keeps_training(tmp_path, finished):
 
 
 def test_non_finite_fisher_stops_at_the_task_boundary(tmp_path, monkeypatch):
-    original = SecondOrder._backbone_fisher
+    original = DiagonalCurvature.estimate
 
     def poisoned(self, *args, **kwargs):
         fisher = original(self, *args, **kwargs)
@@ -131,7 +136,7 @@ def test_non_finite_fisher_stops_at_the_task_boundary(tmp_path, monkeypatch):
         fisher.sums[name] = fisher.sums[name] * float("nan")
         return fisher
 
-    monkeypatch.setattr(SecondOrder, "_backbone_fisher", poisoned)
+    monkeypatch.setattr(DiagonalCurvature, "estimate", poisoned)
     with pytest.raises(NonFiniteError, match=r"the backbone Fisher of \[ITA\] task 0: `blocks.0.attn.qkv.weight`"):
         fit(tmp_path)
     assert not (tmp_path / "checkpoints" / "last.ckpt").exists()

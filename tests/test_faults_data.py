@@ -12,11 +12,11 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch.utils.data import DataLoader, TensorDataset
 
-from lightning_taylor._checks import InputError
-from lightning_taylor.backbone import create_backbone
-from lightning_taylor.callbacks.pretuning import extract_features
 from lightning_taylor.data import TaskStreamDataModule
-from lightning_taylor.module import IncrementalViT
+from lightning_taylor.errors import InputError
+from lightning_taylor.head.pretuning import extract_features
+from lightning_taylor.model.backbone import create_backbone
+from lightning_taylor.model.module import IncrementalViT
 
 SMALL = dict(img_size=16, patch_size=8, embed_dim=24, depth=3, num_heads=2)
 

@@ -11,12 +11,11 @@ from finished_run import TINY, copy_run
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from lightning_taylor.cli.edit import main
 from lightning_taylor.deltas import TaskDeltas, export_merged, load_merged
-from lightning_taylor.edit import export, load_run, main
-from lightning_taylor.editing import Composition, reweight, uniform
-from lightning_taylor.evaluation import evaluate
-
-
+from lightning_taylor.deltas.composition import Composition, reweight, uniform
+from lightning_taylor.runs import export, load_run
+from lightning_taylor.runs.evaluate import evaluate
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from conftest import make_vit
 from helpers import relative_error
 
-from lightning_taylor.fisher import FisherAccumulator, FisherSums, diagonal_fisher
+from lightning_taylor.curvature import FisherAccumulator, FisherSums, diagonal_fisher
 
 TARGETS = [f"blocks.{b}.{layer}.{attr}" for b in range(2) for layer in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2")
            for attr in ("weight", "bias")] + ["head.weight", "head.bias"]
@@ -166,7 +166,7 @@ def test_float32_model_gives_float32_sums(images):
 
 @pytest.mark.parametrize("form", ["gram", "direct"])
 def test_both_squaring_forms_match_brute_force(vit, images, monkeypatch, form):
-    import lightning_taylor.fisher as fisher_module
+    import lightning_taylor.curvature._squaring as fisher_module
 
     monkeypatch.setattr(fisher_module, "_use_gram", lambda *args: form == "gram")
     fisher = diagonal_fisher(vit, [images[:4], images[4:]], TARGETS)
@@ -190,7 +190,7 @@ def test_results_do_not_depend_on_chunking(vit, images, estimator, chunk_size):
 
 
 def test_small_workspace_blocks_give_the_same_sums(vit, images, monkeypatch):
-    import lightning_taylor.fisher as fisher_module
+    import lightning_taylor.curvature._squaring as fisher_module
 
     whole = {form: None for form in ("gram", "direct")}
     for form in whole:
@@ -207,7 +207,7 @@ def test_small_workspace_blocks_give_the_same_sums(vit, images, monkeypatch):
 
 def test_per_cotangent_fallback_gives_the_same_sums(vit, images, monkeypatch):
     """Where vmap lacks a batching rule, one backward per cotangent runs instead (tried once per call)."""
-    import lightning_taylor.fisher as fisher_module
+    import lightning_taylor.curvature.diagonal as fisher_module
 
     vectorised = diagonal_fisher(vit, [images], TARGETS)
     tries = []
@@ -242,7 +242,7 @@ def test_parameters_that_require_grad_get_no_grad_and_change_nothing(images):
 
 def test_topk_uses_the_reference_class_choice():
     """The k classes most often among the examples' top-k sets (not among their top-1 classes)."""
-    from lightning_taylor.fisher import _topk_classes
+    from lightning_taylor.curvature._cotangents import topk_classes as _topk_classes
 
     probs = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.5, 0.05, 0.3, 0.15], [0.05, 0.15, 0.3, 0.5]])
     # top-2 sets {0, 1}, {0, 2}, {3, 2}: classes 0 and 2 twice; top-1 counting would pick 0 and 3.

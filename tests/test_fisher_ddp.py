@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import make_vit
 
-from lightning_taylor.fisher import FisherSums, diagonal_fisher
+from lightning_taylor.curvature import FisherSums, diagonal_fisher
 
 NAMES = ["blocks.0.attn.qkv.weight", "blocks.0.attn.qkv.bias", "blocks.1.mlp.fc2.weight", "head.weight", "head.bias"]
 NUM_EXAMPLES = 7  # odd: the shards differ in size

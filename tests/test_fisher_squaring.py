@@ -1,4 +1,4 @@
-"""The squaring forms of lightning_taylor.fisher against the per-example definition, on random cotangents.
+"""The diagonal Fisher's squaring forms (lightning_taylor.curvature._squaring) against the per-example definition.
 
 ``Σ_k Σ_b (g_kbᵀ a_b)²`` in float64, for both forms (direct, fused or not; Gram), block sizes down to one
 element, and shapes where the token-pair blocks and the output blocks do not divide evenly.
@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-import lightning_taylor.fisher as fisher
+import lightning_taylor.curvature._squaring as fisher
 
 
 def brute_force(g: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -46,7 +46,7 @@ def test_weight_squares_adds_to_what_is_there_and_handles_one_token(monkeypatch,
         g, a = random_inputs(*shape)
         start = torch.rand(shape[3], shape[4], dtype=torch.float64)
         out = start.clone()
-        fisher._add_weight_squares(out, g, a)
+        fisher.add_weight_squares(out, g, a)
         torch.testing.assert_close(out, start + brute_force(g, a), rtol=1e-12, atol=1e-12)
 
 

@@ -8,9 +8,9 @@ import torch
 from test_ddp_stream import launch
 from test_resume import TASKS, Preempted, final_state, run
 
-from lightning_taylor.alignment import ClassMixtures
 from lightning_taylor.callbacks import ITA
-from lightning_taylor.drift_compensation import compensate_drift
+from lightning_taylor.head import ClassMixtures
+from lightning_taylor.head.drift import compensate_drift
 
 
 def _mixtures(seed: int = 0, classes=(0, 1), components: int = 3, dim: int = 4) -> ClassMixtures:

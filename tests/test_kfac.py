@@ -4,18 +4,12 @@ import warnings
 
 import pytest
 import torch
+from conftest import make_vit
+from kfac_reference import kfac_penalty, kfac_penalty_grad, lora_grads, quadratic
 from torch import nn
 
-from conftest import make_vit
-from lightning_taylor.kfac import (
-    KroneckerSums,
-    factor_memory,
-    kfac_penalty,
-    kfac_penalty_grad,
-    kronecker_sums,
-    lora_grads,
-    quadratic,
-)
+from lightning_taylor.curvature import KroneckerSums, kronecker_sums
+from lightning_taylor.curvature.memory import factor_memory
 
 LAYERS = ["blocks.0.attn.qkv", "blocks.0.attn.proj", "blocks.0.mlp.fc1", "blocks.1.mlp.fc2"]
 

@@ -16,17 +16,22 @@ from safetensors.torch import load_file
 from test_ddp_stream import launch
 from test_resume import Preempted, run
 
-from lightning_taylor import kfac_accumulator
-from lightning_taylor._checks import InputError
-from lightning_taylor.callbacks import ITA, SecondOrder, second_order
+from lightning_taylor.callbacks import ITA, SecondOrder
+from lightning_taylor.callbacks import _curvature as second_order
 from lightning_taylor.callbacks.resume import check_record
 from lightning_taylor.cli import cli
+from lightning_taylor.curvature import (
+    KroneckerAccumulator,
+    KroneckerSums,
+    check_factor_memory,
+    kronecker_sums,
+    memory,
+)
 from lightning_taylor.deltas import TaskDeltas
-from lightning_taylor.edit import Edit, apply_edit, export, load_run, predict
-from lightning_taylor.kfac import KroneckerSums, kronecker_sums
-from lightning_taylor.kfac_accumulator import KroneckerAccumulator, check_factor_memory
-from lightning_taylor.kfac_penalties import kfac_delta_penalty, prepare_curvature
+from lightning_taylor.errors import InputError
 from lightning_taylor.penalties import iel_members
+from lightning_taylor.penalties.kfac import kfac_delta_penalty, prepare_curvature
+from lightning_taylor.runs import Edit, apply_edit, export, load_run, predict
 
 TARGETS = ["blocks.0.attn.qkv", "blocks.1.mlp.fc2"]
 PRIOR = 1e-2
@@ -165,7 +170,7 @@ def direct_sums(entry, task: int) -> KroneckerSums:
     classifier = callback.model(model)
     head, trained = classifier.head, {k: v.clone() for k, v in classifier.head.state_dict().items()}
     head.load_state_dict(entry["heads"][task])
-    loader = trainer.datamodule.task_dataloader(task, "train", batch_size=callback.fisher_batch_size)
+    loader = trainer.datamodule.task_dataloader(task, "train", batch_size=callback.curvature_settings.batch_size)
     names = model.task_deltas.names
     try:
         with model.task_deltas.disabled():
@@ -265,7 +270,7 @@ def test_a_kfac_run_edits_and_exports_like_a_diagonal_one(kfac_runs, tmp_path):
 
 
 def test_factors_that_do_not_fit_are_refused_before_computing(monkeypatch, tmp_path):
-    monkeypatch.setattr(kfac_accumulator, "available_memory", lambda device: 4096)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 4096)
 
     def never(*args, **kwargs):
         raise AssertionError("the factors were computed")
@@ -284,12 +289,12 @@ def vit_b16_shapes() -> dict:
 
 def test_vit_b16_factors_need_1_2_gib_per_pair(monkeypatch):
     """The README's figure: 12 · 46 · 768² numbers = 1.21 GiB in float32 per factor pair."""
-    monkeypatch.setattr(kfac_accumulator, "available_memory", lambda device: 2**30)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2**30)
     with pytest.raises(InputError, match=r"need 1\.21 GiB \(1 pairs of 325,582,848 numbers"):
         check_factor_memory(vit_b16_shapes(), 1, torch.float32, torch.device("cpu"), "merged")
     with pytest.raises(InputError, match="`kfac_tasks: merged` keeps one pair"):
         check_factor_memory(vit_b16_shapes(), 1, torch.float32, torch.device("cpu"), "per_task")
-    monkeypatch.setattr(kfac_accumulator, "available_memory", lambda device: 2 * 2**30)
+    monkeypatch.setattr(memory, "available_memory", lambda device: 2 * 2**30)
     check_factor_memory(vit_b16_shapes(), 1, torch.float32, torch.device("cpu"), "merged")
 
 

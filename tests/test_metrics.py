@@ -5,7 +5,11 @@ import math
 import pytest
 import torch
 
-from lightning_taylor.metrics import AccuracyMatrix, ContinualAccuracy, continual_accuracy_counts
+from lightning_taylor.metrics import (
+    AccuracyMatrix,
+    ContinualAccuracy,
+    continual_accuracy_counts,
+)
 
 NAN = math.nan
 

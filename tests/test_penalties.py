@@ -4,8 +4,15 @@ from helpers import randomise_slot, train_stream
 
 from lightning_taylor.deltas import TaskDeltas
 from lightning_taylor.penalties import (
-    decoupled_step, delta_penalty, head_penalty, iel_members, iel_penalty, iel_penalty_grad, ita_penalty,
-    ita_penalty_grad, jensen_gap,
+    decoupled_step,
+    delta_penalty,
+    head_penalty,
+    iel_members,
+    iel_penalty,
+    iel_penalty_grad,
+    ita_penalty,
+    ita_penalty_grad,
+    jensen_gap,
 )
 
 SHAPE = (7, 5)

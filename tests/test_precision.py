@@ -8,8 +8,8 @@ import torch
 from conftest import make_vit
 from helpers import SeenLogits, randomise_slot, train_stream
 
+from lightning_taylor.curvature import diagonal_fisher
 from lightning_taylor.deltas import TaskDeltas
-from lightning_taylor.fisher import diagonal_fisher
 from lightning_taylor.penalties import delta_penalty
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))

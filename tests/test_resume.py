@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_taylor.callbacks import IEL, ITA, ContinualEvaluation, PreTuning
 from lightning_taylor.data import TaskStreamDataModule
-from lightning_taylor.module import IncrementalViT
+from lightning_taylor.model.module import IncrementalViT
 
 TINY = dict(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2, in_chans=1)
 FAST_PRETUNING = PreTuning(probe_epochs=1, align_epochs=2, align_epochs_per_task=1, samples_per_class=32)

@@ -9,10 +9,10 @@ import torch
 from helpers import SeenLogits
 
 from lightning_taylor.callbacks import IEL, ITA, ContinualEvaluation, PreTuning
+from lightning_taylor.curvature import diagonal_fisher
 from lightning_taylor.data import TaskStreamDataModule
-from lightning_taylor.editing import uniform
-from lightning_taylor.fisher import diagonal_fisher
-from lightning_taylor.module import IncrementalViT
+from lightning_taylor.deltas.composition import uniform
+from lightning_taylor.model.module import IncrementalViT
 
 TINY = dict(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2, in_chans=1)
 FAST_PRETUNING = PreTuning(probe_epochs=1, align_epochs=2, align_epochs_per_task=1, samples_per_class=32)
@@ -50,7 +50,7 @@ class Spy(L.Callback):
         task, algo, deltas = trainer.datamodule.current_task, self.algorithm, pl_module.task_deltas
         self.records[task] = {
             "pretuned": copy.deepcopy(algo.pretuned_head),
-            "curvature": {k: v.clone() for k, v in algo.curvature(pl_module.device).items()},
+            "curvature": {k: v.clone() for k, v in algo.curvature_strategy.mean(algo.algorithm, pl_module.device).items()},
             "current_count": algo.accumulator.current_count,
             "banked": deltas.banked_tasks,
             "current": deltas.current_task,
@@ -157,7 +157,7 @@ def test_penalty_step_applies_the_closed_form_gradients(mode, tmp_path):
     before = {k: v.detach().clone() for k, v in params.items()}
     for p in params.values():
         p.grad = torch.zeros_like(p)
-    _, expected = delta_penalty(deltas, callback.curvature(model.device), "ita", callback.strength)
+    _, expected = delta_penalty(deltas, callback.curvature_strategy.mean("ita", model.device), "ita", callback.strength)
     optimizer = trainer.optimizers[0]
     group = optimizer.param_groups[0]
     factor = group["lr"] / group["initial_lr"]

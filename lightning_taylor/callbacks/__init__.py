@@ -2,7 +2,7 @@
 
 from lightning_taylor.callbacks.baselines import LinearProbe, SequentialFineTuning
 from lightning_taylor.callbacks.continual_evaluation import ContinualEvaluation
-from lightning_taylor.callbacks.pretuning import PreTuning
 from lightning_taylor.callbacks.second_order import IEL, ITA, SecondOrder
+from lightning_taylor.head.pretuning import PreTuning
 
 __all__ = ["ContinualEvaluation", "IEL", "ITA", "LinearProbe", "PreTuning", "SecondOrder", "SequentialFineTuning"]

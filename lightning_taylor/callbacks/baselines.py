@@ -15,36 +15,33 @@ from typing import Any
 import lightning as L
 
 from lightning_taylor.callbacks.second_order import ITA
+from lightning_taylor.deltas import TaskDeltas
 
 
 class SequentialFineTuning(ITA):
     """One delta, never reset or banked per task, trained on each task in turn without a penalty.
 
+    No task boundary pass (no pre-tuning, no curvature) and no penalty: the optimiser step is only guarded.
+
     Args:
         **kwargs: see :class:`~lightning_taylor.callbacks.SecondOrder` (``alpha`` is fixed to 0).
     """
 
+    regularised = False
+
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(alpha=0.0, **kwargs)
 
-    def begin_task(self, trainer: L.Trainer, pl_module: L.LightningModule, task: int) -> None:
-        deltas = pl_module.task_deltas
+    def begin_delta(self, deltas: TaskDeltas, task: int) -> None:
         if deltas.current_task < 0:
             deltas.begin_task(0)  # the single delta, started once
-        for optimizer in trainer.optimizers:
-            optimizer.state.clear()
         self.head_curvature = {}
-        self.task = task
 
     def training_composition(self, task: int) -> dict[int, float]:
         return {0: 1.0}
 
-    def _compose_for_evaluation(self, pl_module: L.LightningModule) -> None:
-        if pl_module.task_deltas.current_task >= 0:
-            pl_module.task_deltas.compose({0: 1.0})
-
-    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
-        pass  # no penalty
+    def evaluation_composition(self, deltas: TaskDeltas) -> dict[int, float] | None:
+        return {0: 1.0} if deltas.current_task >= 0 else None
 
 
 class LinearProbe(ITA):
@@ -59,10 +56,11 @@ class LinearProbe(ITA):
         super().__init__(alpha=0.0, **kwargs)
         self._trained_head: dict | None = None
 
+    def evaluation_composition(self, deltas: TaskDeltas) -> dict[int, float] | None:
+        return {} if deltas.tasks else None  # θ0 alone
+
     def _compose_for_evaluation(self, pl_module: L.LightningModule) -> None:
-        deltas = pl_module.task_deltas
-        if deltas.tasks:
-            deltas.compose({})  # θ0 alone
+        super()._compose_for_evaluation(pl_module)
         head = self.model(pl_module).head
         self._trained_head = {k: v.detach().clone() for k, v in head.state_dict().items()}
         head.load_state_dict({k: v.to(head.weight) for k, v in self.pretuned_head.items()})

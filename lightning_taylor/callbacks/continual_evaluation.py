@@ -31,7 +31,12 @@ import torch
 from lightning.pytorch.loggers import Logger
 
 from lightning_taylor._checks import check_positive_int
-from lightning_taylor.callbacks.protocol import current_task, partition, require, stream_value
+from lightning_taylor.callbacks.protocol import (
+    current_task,
+    partition,
+    require,
+    stream_value,
+)
 from lightning_taylor.console import show
 from lightning_taylor.metrics import AccuracyMatrix, ContinualAccuracy
 

@@ -1,6 +1,6 @@
 """What the callbacks need from a LightningModule and its data: a small protocol with defaults for timm.
 
-The callbacks run on any LightningModule (ours, :class:`~lightning_taylor.module.IncrementalViT`, or a
+The callbacks run on any LightningModule (ours, :class:`~lightning_taylor.model.module.IncrementalViT`, or a
 user's own) that holds:
 
 - **a backbone**: a timm ViT, or any ``nn.Module`` whose ``nn.Linear`` layers match the delta targets. The
@@ -41,8 +41,8 @@ from lightning.pytorch.strategies.launchers import _MultiProcessingLauncher
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_taylor._checks import expected
 from lightning_taylor.data.split import task_ranges, uniform_size
+from lightning_taylor.errors import expected
 
 
 class Classifier(nn.Module):

@@ -26,8 +26,8 @@ from typing import Any, Mapping
 import lightning as L
 from torch import Tensor, nn
 
-from lightning_taylor._checks import expected
 from lightning_taylor.callbacks.protocol import stream_value, uneven_task_sizes
+from lightning_taylor.errors import expected
 
 STREAM_FIELDS = ("dataset", "num_classes", "class_names", "class_order", "num_tasks", "classes_per_task",
                  "epochs_per_task")

@@ -5,6 +5,7 @@ benchmarks (:mod:`lightning_taylor.data.benchmarks`), transforms, the DataModule
 callbacks and custom streams.
 """
 
+from lightning_taylor.data.benchmarks import BENCHMARKS, Benchmark
 from lightning_taylor.data.datasets import (
     CIFAR100_CLASSES,
     DATASETS,
@@ -16,11 +17,16 @@ from lightning_taylor.data.datasets import (
     load_embedded_splits,
     load_imagefolder_splits,
 )
-from lightning_taylor.data.benchmarks import BENCHMARKS, Benchmark
 from lightning_taylor.data.input_size import model_input_size
 from lightning_taylor.data.split import ClassIncrementalSplit, class_order, task_ranges
 from lightning_taylor.data.stream import TaskStreamDataModule
-from lightning_taylor.data.transforms import Recipe, ToChannels, digits_transforms, image_transforms, recipe_transforms
+from lightning_taylor.data.transforms import (
+    Recipe,
+    ToChannels,
+    digits_transforms,
+    image_transforms,
+    recipe_transforms,
+)
 from lightning_taylor.data.views import TransformedSubset
 
 __all__ = [

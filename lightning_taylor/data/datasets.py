@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, Subset, TensorDataset
 from torchvision.datasets import CIFAR100, ImageFolder
 from torchvision.datasets.folder import find_classes
 
-from lightning_taylor._checks import expected
+from lightning_taylor.errors import expected
 
 DatasetName = Literal["mnist", "digits", "cifar100", "imagefolder"]
 DATASETS: tuple[str, ...] = ("mnist", "digits", "cifar100", "imagefolder")

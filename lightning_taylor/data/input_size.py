@@ -1,8 +1,8 @@
 """Which images a task stream serves: the channels and size the model takes, else the data set's defaults.
 
-The model is the one place that states its input: :class:`~lightning_taylor.module.IncrementalViT` and any
+The model is the one place that states its input: :class:`~lightning_taylor.model.module.IncrementalViT` and any
 LightningModule with an ``input_size = (C, H, W)`` say it directly; otherwise the patch embedding of a timm
-ViT inside the module does (:func:`lightning_taylor.backbone.input_size`). The stream converts channels and
+ViT inside the module does (:func:`lightning_taylor.model.backbone.input_size`). The stream converts channels and
 resizes to it, so a setting given on the data side only has to agree; one that disagrees is refused,
 naming both settings (it would otherwise surface later as a raw convolution error).
 """
@@ -14,8 +14,8 @@ from typing import Any, Sequence
 
 from torch import nn
 
-from lightning_taylor._checks import expected
-from lightning_taylor.backbone import input_size as backbone_input_size
+from lightning_taylor.errors import expected
+from lightning_taylor.model.backbone import input_size as backbone_input_size
 
 log = logging.getLogger(__name__)
 

@@ -28,6 +28,7 @@ from torch.utils.data import Dataset, DistributedSampler
 
 from lightning_taylor.seeding import mix
 
+
 class StreamSampler(DistributedSampler):
     """Shuffles and shards one task's training set by ``(seed, epoch of the task)``; yields ``(index, seed)``.
 

@@ -17,7 +17,8 @@ from typing import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from lightning_taylor._checks import check_non_negative_int, check_positive_int, expected
+from lightning_taylor._checks import check_non_negative_int, check_positive_int
+from lightning_taylor.errors import expected
 
 
 def class_order(num_classes: int, seed: int | None = 0) -> list[int]:
@@ -48,6 +49,11 @@ def task_ranges(task_sizes: Sequence[int]) -> tuple[range, ...]:
         ranges.append(range(start, start + size))
         start += size
     return tuple(ranges)
+
+
+def classes_of(tasks: Iterable[int], ranges: Sequence[range]) -> list[int]:
+    """The labels owned by ``tasks`` (in task order), given every task's label range (:func:`task_ranges`)."""
+    return [c for t in sorted(tasks) for c in ranges[t]]
 
 
 def uniform_size(task_sizes: Sequence[int]) -> int | None:

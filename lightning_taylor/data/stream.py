@@ -12,31 +12,41 @@ import os
 from typing import Any, Literal, Sequence
 
 import lightning as L
+from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor
-from lightning.pytorch.overrides.distributed import UnrepeatedDistributedSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from lightning_taylor._checks import check_choice, check_non_negative_int, check_positive_int, expected
+from lightning_taylor._checks import (
+    check_choice,
+    check_non_negative_int,
+    check_positive_int,
+)
+from lightning_taylor.data.benchmarks import BENCHMARKS, FileList, SplitChoice
 from lightning_taylor.data.datasets import (
     DATASETS,
+    EMBEDDED,
     DatasetInfo,
     RawSplits,
     dataset_info,
     download_cifar100,
     load_cifar100_splits,
-    EMBEDDED,
     load_embedded_splits,
     load_imagefolder_splits,
 )
-from lightning_taylor.data.benchmarks import BENCHMARKS, FileList, SplitChoice
 from lightning_taylor.data.input_size import model_input_size, resolve_input
 from lightning_taylor.data.samplers import StreamSampler
-from lightning_taylor.seeding import mix, run_seed
 from lightning_taylor.data.split import ClassIncrementalSplit, class_order
-from lightning_taylor.data.transforms import Transform, digits_transforms, image_transforms, recipe_transforms
+from lightning_taylor.data.transforms import (
+    Transform,
+    digits_transforms,
+    image_transforms,
+    recipe_transforms,
+)
 from lightning_taylor.data.views import TransformedSubset
+from lightning_taylor.errors import expected
+from lightning_taylor.seeding import mix, run_seed
 
 log = logging.getLogger(__name__)
 _info = rank_zero_only(log.info)

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import v2
 
-from lightning_taylor._checks import expected
+from lightning_taylor.errors import expected
 
 Transform = Callable[..., torch.Tensor]
 

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_taylor._checks import expected
+from lightning_taylor.errors import expected
 
 
 class TransformedSubset(Dataset):

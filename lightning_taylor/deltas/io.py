@@ -21,9 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 from torch import Tensor, nn
 
-from lightning_taylor._checks import expected
+from lightning_taylor.deltas.composition import Composition
 from lightning_taylor.deltas.task_deltas import TaskDeltas
-from lightning_taylor.editing import Composition
+from lightning_taylor.errors import expected
 
 FORMAT = "lightning-taylor/deltas/1"
 MERGED_FORMAT = "lightning-taylor/merged/1"

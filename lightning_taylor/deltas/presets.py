@@ -23,7 +23,7 @@ from fnmatch import fnmatchcase
 
 from torch import nn
 
-from lightning_taylor._checks import expected
+from lightning_taylor.errors import expected
 
 #: Every ViT block's attention and MLP projections (timm names of ``VisionTransformer``).
 DEFAULT_TARGETS: tuple[str, ...] = ("blocks.*.attn.qkv", "blocks.*.attn.proj", "blocks.*.mlp.fc1", "blocks.*.mlp.fc2")

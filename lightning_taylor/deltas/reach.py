@@ -15,8 +15,8 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from lightning_taylor._checks import expected
 from lightning_taylor.deltas.presets import family
+from lightning_taylor.errors import expected
 
 
 def probe_input(model: nn.Module, batch_size: int = 2) -> Tensor:

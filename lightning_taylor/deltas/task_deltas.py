@@ -24,12 +24,22 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from lightning_taylor._checks import check_choice, check_non_negative_int, check_positive_int, expected
+from lightning_taylor._checks import (
+    check_choice,
+    check_non_negative_int,
+    check_positive_int,
+)
 from lightning_taylor.deltas.adapters import route_through_qkv, split_bias_attentions
-from lightning_taylor.deltas.presets import DEFAULT_TARGETS, default_targets, family, linear_names  # noqa: F401
+from lightning_taylor.deltas.composition import Composition
+from lightning_taylor.deltas.presets import (  # noqa: F401
+    DEFAULT_TARGETS,
+    default_targets,
+    family,
+    linear_names,
+)
 from lightning_taylor.deltas.reach import check_reach
 from lightning_taylor.deltas.styles import DeltaStyle, LinearDelta, make_delta
-from lightning_taylor.editing import Composition
+from lightning_taylor.errors import expected
 
 
 def find_targets(model: nn.Module, patterns: Sequence[str]) -> list[str]:
@@ -63,7 +73,7 @@ class TaskDeltas(nn.Module):
 
     Typical stream: ``begin_task(0)``, train the slot, ``begin_task(1)`` (banks task 0, resets the slot),
     …, ``bank()`` at the end. ``compose`` decides what the forward adds: e.g. ``{t: 1.0}`` (the current
-    delta alone, ITA training) or :func:`~lightning_taylor.editing.uniform` over the seen tasks.
+    delta alone, ITA training) or :func:`~lightning_taylor.deltas.composition.uniform` over the seen tasks.
     """
 
     def __init__(

@@ -5,7 +5,13 @@ framework's split files, or a seeded fallback), its class order, task partition 
 :class:`~lightning_taylor.data.benchmarks.base.Benchmark` is what they have in common.
 """
 
-from lightning_taylor.data.benchmarks.base import Benchmark, FileList, Index, SplitChoice, seeded_split
+from lightning_taylor.data.benchmarks.base import (
+                                                        Benchmark,
+                                                        FileList,
+                                                        Index,
+                                                        SplitChoice,
+                                                        seeded_split,
+)
 from lightning_taylor.data.benchmarks.cars196 import CARS196
 from lightning_taylor.data.benchmarks.cropdisease import CROPDISEASE
 from lightning_taylor.data.benchmarks.cub200 import CUB200

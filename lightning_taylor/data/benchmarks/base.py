@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from lightning_taylor._checks import expected
 from lightning_taylor.data.datasets import read_image
 from lightning_taylor.data.transforms import Recipe
+from lightning_taylor.errors import expected
 
 SplitChoice = Literal["auto", "reference", "seeded"]
 

@@ -19,7 +19,13 @@ from pathlib import Path
 
 import torch
 
-from lightning_taylor.data.benchmarks.base import Benchmark, Index, SplitChoice, require, split_index
+from lightning_taylor.data.benchmarks.base import (
+    Benchmark,
+    Index,
+    SplitChoice,
+    require,
+    split_index,
+)
 from lightning_taylor.data.transforms import Recipe
 
 

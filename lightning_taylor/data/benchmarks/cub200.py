@@ -17,7 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from lightning_taylor.data.benchmarks.base import Benchmark, Index, SplitChoice, require, split_index
+from lightning_taylor.data.benchmarks.base import (
+    Benchmark,
+    Index,
+    SplitChoice,
+    require,
+    split_index,
+)
 from lightning_taylor.data.benchmarks.files import read_table
 from lightning_taylor.data.transforms import Recipe
 

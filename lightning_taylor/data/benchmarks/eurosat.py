@@ -16,7 +16,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightning_taylor.data.benchmarks.base import (
-    Benchmark, Index, SplitChoice, choose_split, class_folders, listed_split, require, split_index,
+    Benchmark,
+    Index,
+    SplitChoice,
+    choose_split,
+    class_folders,
+    listed_split,
+    require,
+    split_index,
 )
 from lightning_taylor.data.benchmarks.files import read_json
 from lightning_taylor.data.transforms import Recipe

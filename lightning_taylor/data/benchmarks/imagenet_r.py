@@ -15,7 +15,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lightning_taylor.data.benchmarks.base import Benchmark, Index, SplitChoice, folder_index, require
+from lightning_taylor.data.benchmarks.base import (
+    Benchmark,
+    Index,
+    SplitChoice,
+    folder_index,
+    require,
+)
 from lightning_taylor.data.benchmarks.files import read_yaml
 from lightning_taylor.data.transforms import Recipe
 

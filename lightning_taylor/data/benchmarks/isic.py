@@ -22,7 +22,14 @@ from pathlib import Path
 
 import torch
 
-from lightning_taylor.data.benchmarks.base import Benchmark, Index, SplitChoice, choose_split, require, split_index
+from lightning_taylor.data.benchmarks.base import (
+    Benchmark,
+    Index,
+    SplitChoice,
+    choose_split,
+    require,
+    split_index,
+)
 from lightning_taylor.data.transforms import Recipe
 
 #: the table's columns kept, in the reference's label order (NV is left out)

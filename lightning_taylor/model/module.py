@@ -23,9 +23,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lightning_taylor._checks import check_non_negative, check_positive_int, expected
-from lightning_taylor.backbone import create_backbone, input_size
+from lightning_taylor._checks import check_non_negative, check_positive_int
 from lightning_taylor.data.split import check_task_sizes, task_ranges
+from lightning_taylor.errors import expected
+from lightning_taylor.model.backbone import create_backbone, input_size
 
 
 class TaskCosine:

@@ -1,4 +1,4 @@
-"""The ITA, IEL and head regularisers (docs/method.md §4) and their gradients, without autograd graphs.
+"""The ITA and IEL regularisers with the diagonal Fisher (docs/method.md §4) and their gradients, without graphs.
 
 Notation for one target layer: ``τ`` the current task's dense delta, ``P = Σ_{s<t} τ_s`` the sum of the
 past deltas, ``F`` the accumulated diagonal Fisher mean (prior included), all of the weight's shape; every
@@ -12,22 +12,15 @@ network.
 
 from __future__ import annotations
 
-from typing import Literal, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from lightning_taylor._checks import check_choice, check_non_negative, check_non_negative_int
+from lightning_taylor._checks import check_choice, check_non_negative
 from lightning_taylor.deltas import TaskDeltas
+from lightning_taylor.penalties.step import Algorithm, iel_members
 from lightning_taylor.precision import full_precision
-
-Algorithm = Literal["ita", "iel"]
-
-
-def iel_members(task_index: int) -> int:
-    """``T``: the number of members of the uniform composition at ``task_index`` (2 at task 0)."""
-    check_non_negative_int("task_index", task_index)
-    return max(task_index + 1, 2)
 
 
 def ita_penalty(delta: Tensor, fisher_mean: Tensor, alpha: float) -> Tensor:
@@ -66,27 +59,6 @@ def jensen_gap(deltas: Sequence[Tensor], weights: Sequence[float], fisher_mean: 
     """
     mean = sum(w * d for w, d in zip(weights, deltas))
     return 0.5 * sum(w * (fisher_mean * (d - mean).square()).sum() for w, d in zip(weights, deltas))
-
-
-def head_penalty(
-    weight: Tensor,
-    bias: Tensor | None,
-    target_weight: Tensor,
-    target_bias: Tensor | None,
-    fisher_weight: Tensor,
-    fisher_bias: Tensor | None,
-    lambda_fisher: float,
-    lambda_l2: float,
-) -> Tensor:
-    """``λ_F Σ F ⊙ (h − h̃)² + λ_2 ‖h − h̃‖²`` over weight and bias (no ½), differentiable in ``h``."""
-    pairs = [(weight, target_weight, fisher_weight)]
-    if bias is not None:
-        pairs.append((bias, target_bias, fisher_bias))
-    total = weight.new_zeros(())
-    for value, target, fisher in pairs:
-        diff = (value - target).square()
-        total = total + lambda_fisher * (fisher * diff).sum() + lambda_l2 * diff.sum()
-    return total
 
 
 def _layer_penalty(tau: Tensor, fisher: Tensor, past: Tensor | None, strength: float, task_index: int
@@ -143,19 +115,3 @@ def delta_penalty(
             for key, grad in layer.slot_grads(dense_grad, linear.weight).items():
                 grads[f"{name}.{key}"] = grad
     return torch.stack(values).sum(), grads
-
-
-@torch.no_grad()
-def decoupled_step(
-    parameters: Mapping[str, nn.Parameter], grads: Mapping[str, Tensor], lr_factor: float, max_norm: float = 100.0
-) -> None:
-    """``θ ← θ − s · clip(∂R/∂θ)``: the reference's decoupled penalty step, like decoupled weight decay.
-
-    ``s`` is the learning-rate schedule's current factor (1.0 at a task's start), not the learning rate;
-    each tensor's gradient is clipped to L2 norm ``max_norm`` on its own.
-    """
-    for key, grad in grads.items():
-        norm = grad.norm()
-        if norm > max_norm:
-            grad = grad * (max_norm / norm)
-        parameters[key].sub_(lr_factor * grad)

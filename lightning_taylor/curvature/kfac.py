@@ -7,7 +7,7 @@ et al. 2023: "expand" and "reduce"):
     F_W ≈ Ā ⊗ Ḡ        Ā = A / (n·s),   Ḡ = G / n
 
 with ``n`` examples and sums over the same cotangents ``v`` on the logits that the diagonal Fisher uses
-(:mod:`lightning_taylor.fisher`: ``exact`` ``√p_c (e_c − p)`` for every class, ``mc`` sampled labels,
+(:mod:`lightning_taylor.curvature.diagonal`: ``exact`` ``√p_c (e_c − p)`` for every class, ``mc`` sampled labels,
 ``empirical`` the true label), ``g_v`` the cotangent at the layer's output:
 
     expand:  A = Σ_x Σ_t a_t a_tᵀ           (s = T)        G = Σ_x Σ_v Σ_t g_vt g_vtᵀ
@@ -30,13 +30,15 @@ and for LoRA ``τ = B A_l`` the gradients never form a dense ``Ḡ τ Ā`` of th
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterable, Literal, Mapping, Sequence
+from typing import Iterable, Literal, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_taylor._checks import check_choice, check_non_negative, check_positive_int, expected
+from lightning_taylor._checks import check_choice, check_positive_int
+from lightning_taylor.curvature._cotangents import cotangents, probabilities
+from lightning_taylor.errors import expected
 
 KFACApprox = Literal["expand", "reduce"]
 KFACEstimator = Literal["exact", "mc", "empirical"]
@@ -76,23 +78,6 @@ class KroneckerSums:
             dist.all_reduce(count, group=group)
             self.count = int(count.item())
         return self
-
-
-def _cotangents(logits: Tensor, estimator: str, labels: Tensor | None, samples: int,
-                generator: torch.Generator | None) -> Tensor:
-    """``K × B × C`` cotangents on the logits (rows of the loss Hessian's square root for ``exact``)."""
-    probs = logits.detach().double().softmax(-1)
-    eye = torch.eye(probs.shape[-1], dtype=probs.dtype, device=probs.device)
-    if estimator == "exact":
-        rows = probs.sqrt().T[:, :, None] * (eye[:, None, :] - probs[None])  # C × B × C
-    elif estimator == "mc":
-        drawn = torch.multinomial(probs.cpu(), samples, replacement=True, generator=generator).to(probs.device)
-        rows = (eye[drawn.T] - probs[None]) / samples ** 0.5  # S × B × C
-    else:
-        if labels is None:
-            raise expected("labels", "the true labels for the empirical Fisher", None)
-        rows = (eye[labels] - probs)[None]
-    return rows.to(logits.dtype)
 
 
 def kronecker_sums(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], layers: Sequence[str],
@@ -135,7 +120,9 @@ def kronecker_sums(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], l
                 if missing:
                     raise expected("layers", "layers whose forward runs in the model's forward", missing[0],
                                    "Its weight is applied another way (e.g. F.linear on `.weight`).")
-                rows = _cotangents(logits, estimator, y, samples, generator)
+                uniforms = (torch.rand(x.shape[0], samples, generator=generator, dtype=torch.float64)
+                            if estimator == "mc" else None)
+                rows = cotangents(probabilities(logits), estimator, None, uniforms, y)
                 outputs = [captured[name][1] for name in layers]
                 for k in range(rows.shape[0]):
                     grads = torch.autograd.grad(logits, outputs, rows[k], retain_graph=k + 1 < rows.shape[0])
@@ -159,41 +146,3 @@ def kronecker_sums(model: nn.Module, batches: Iterable[tuple[Tensor, Tensor]], l
 
 def _add(store: dict[str, Tensor], name: str, value: Tensor) -> None:
     store[name] = value if name not in store else store[name] + value
-
-
-def quadratic(x: Tensor, y: Tensor, a: Tensor, g: Tensor, prior: float = 0.0) -> Tensor:
-    """``q(x, y) = tr(Ḡ x Ā yᵀ) + ε ⟨x, y⟩`` for deltas ``x, y`` (out × in), ``a = Ā`` (in × in), ``g = Ḡ``."""
-    return (g @ x @ a * y).sum() + prior * (x * y).sum()
-
-
-def kfac_penalty_grad(tau: Tensor, a: Tensor, g: Tensor, algorithm: str, strength: float, prior: float = 0.0,
-                      past: Tensor | None = None, task_index: int = 0) -> Tensor:
-    """``∂R/∂τ`` of one layer's ITA or IEL penalty in the Kronecker form (module docstring)."""
-    check_choice("algorithm", algorithm, ("ita", "iel"))
-    check_non_negative("strength", float(strength))
-    curved = g @ tau @ a + prior * tau
-    if algorithm == "ita":
-        return strength * curved
-    members = 2 if task_index == 0 else task_index + 1  # T = 2 at task 0, as for the diagonal (§4)
-    past_curved = 0.0 if past is None else g @ past @ a + prior * past
-    return strength * ((1 - 1 / members) * curved - past_curved / members)
-
-
-def kfac_penalty(tau: Tensor, a: Tensor, g: Tensor, algorithm: str, strength: float, prior: float = 0.0,
-                 past: Tensor | None = None, task_index: int = 0) -> Tensor:
-    """The value whose gradient :func:`kfac_penalty_grad` is."""
-    if algorithm == "ita":
-        return 0.5 * strength * quadratic(tau, tau, a, g, prior)
-    members = 2 if task_index == 0 else task_index + 1
-    cross = 0.0 if past is None else quadratic(tau, past, a, g, prior)
-    return strength * (0.5 * (1 - 1 / members) * quadratic(tau, tau, a, g, prior) - cross / members)
-
-
-def lora_grads(dense_grad: Tensor, lora_a: Tensor, lora_b: Tensor) -> dict[str, Tensor]:
-    """``∂/∂B = D A_lᵀ`` and ``∂/∂A_l = Bᵀ D`` for ``τ = B A_l`` (never forming more than ``D``)."""
-    return {"lora_A": lora_b.T @ dense_grad, "lora_B": dense_grad @ lora_a.T}
-
-
-def factor_memory(shapes: Mapping[str, tuple[int, int]]) -> int:
-    """Numbers stored by the factors of layers of shapes ``(out, in)``: ``Σ in² + out²``."""
-    return sum(i * i + o * o for o, i in shapes.values())

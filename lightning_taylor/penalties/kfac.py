@@ -1,13 +1,13 @@
 """The ITA and IEL penalties of the current slot with KFAC curvature, and their gradients, analytic per style.
 
-Per target layer, with the curvature ``Σ_k Ā_k ⊗ Ḡ_k`` of :mod:`lightning_taylor.kfac_accumulator` (one term
+Per target layer, with the curvature ``Σ_k Ā_k ⊗ Ḡ_k`` of :mod:`lightning_taylor.curvature.accumulators` (one term
 when merged, one per task otherwise, none for ITA's first task) and the prior ``ε`` as for the diagonal:
 
     q(x, y) = Σ_k tr(Ḡ_k x Ā_k yᵀ) + ε ⟨x, y⟩
     ITA:  R = (α/2) q(τ, τ)
     IEL:  R = β [½ (1 − 1/T) q(τ, τ) − (1/T) q(τ, P)]
 
-with ``T`` and ``P = Σ_{s<t} τ_s`` as in :mod:`lightning_taylor.penalties` (the IEL diagonal penalty with
+with ``T`` and ``P = Σ_{s<t} τ_s`` as in :mod:`lightning_taylor.penalties.diagonal` (the IEL diagonal penalty with
 ``F̄ ⊙`` replaced by the Kronecker form; up to a constant, ``β T`` times the Jensen gap of the uniform
 composition under the quadratic model ``q``). Summed over layers. The quadratic term, per style, without
 forming an ``out × in`` matrix for LoRA:
@@ -34,10 +34,10 @@ import torch
 from torch import Tensor
 
 from lightning_taylor._checks import check_choice, check_non_negative
+from lightning_taylor.curvature.accumulators import Factors
 from lightning_taylor.deltas import TaskDeltas
 from lightning_taylor.deltas.styles import IA3Delta, LinearDelta, LoRADelta
-from lightning_taylor.kfac_accumulator import Factors
-from lightning_taylor.penalties import Algorithm, iel_members
+from lightning_taylor.penalties.step import Algorithm, iel_members
 from lightning_taylor.precision import full_precision
 
 
@@ -122,7 +122,7 @@ def kfac_delta_penalty(deltas: TaskDeltas, curvature: Mapping[str, LayerCurvatur
                        strength: float) -> tuple[Tensor, dict[str, Tensor]]:
     """The ITA (``strength = α``) or IEL (``β``) Kronecker penalty of the current slot, summed over layers.
 
-    The same contract as :func:`lightning_taylor.penalties.delta_penalty`: a detached scalar and the gradient
+    The same contract as :func:`lightning_taylor.penalties.diagonal.delta_penalty`: a detached scalar and the gradient
     w.r.t. each slot tensor keyed like ``deltas.named_parameters()``, in the slot's dtype with autocast off.
     ``curvature`` is :func:`prepare_curvature`'s for the current task.
     """

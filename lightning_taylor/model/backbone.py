@@ -32,7 +32,7 @@ from safetensors.torch import load_file as load_safetensors
 from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
-from lightning_taylor._checks import expected
+from lightning_taylor.errors import expected
 
 log = logging.getLogger(__name__)
 

@@ -21,8 +21,9 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
-from lightning_taylor._checks import expected
-from lightning_taylor.alignment import ClassMixtures, align_head, alignment_epochs, fit_class_mixtures, linear_probe
+from lightning_taylor.finite import check_finite_examples
+from lightning_taylor.head.mixtures import ClassMixtures, fit_class_mixtures
+from lightning_taylor.head.probing import align_head, alignment_epochs, linear_probe
 
 
 @dataclass
@@ -52,15 +53,6 @@ class PreTuning:
     temperature: float = 0.1
 
 
-def _check_finite(what: str, values: Tensor, start: int) -> None:
-    """Refuse non-finite ``values`` (a batch whose first example is example ``start`` of the loader)."""
-    finite = torch.isfinite(values.flatten(1)).all(1)
-    if not bool(finite.all()):
-        bad = (start + torch.nonzero(~finite).flatten()).tolist()
-        raise expected(f"the task-boundary {what}", "finite", f"NaN or inf in examples {bad[:10]} of the loader "
-                       "(in loader order)", "These feed the class mixtures and the Fisher; check the data of this task.")
-
-
 @torch.no_grad()
 def extract_features(model: nn.Module, loader: DataLoader, device: torch.device) -> tuple[Tensor, Tensor]:
     """Pre-logits features (``model.features(x)``: timm's CLS token after the final norm) and labels, on the CPU.
@@ -74,9 +66,9 @@ def extract_features(model: nn.Module, loader: DataLoader, device: torch.device)
     try:
         for batch in loader:
             x = batch[0].to(device)
-            _check_finite("inputs", x, seen)
+            check_finite_examples("inputs", x, seen)
             features.append(model.features(x).float().cpu())
-            _check_finite("features", features[-1], seen)
+            check_finite_examples("features", features[-1], seen)
             labels.append(torch.as_tensor(batch[1]).cpu())
             seen += len(x)
     finally:
@@ -104,7 +96,8 @@ def pretune_head(
     linear_probe(head, features, labels, task_classes, lr=settings.probe_lr, epochs=settings.probe_epochs,
                  batch_size=settings.batch_size, generator=generator)
     seen = list(range(task_classes.stop))
-    align_head(head, mixtures, seen, epochs=alignment_epochs(task, settings.align_epochs, settings.align_epochs_per_task),
+    align_head(head, mixtures, seen,
+               epochs=alignment_epochs(task, settings.align_epochs, settings.align_epochs_per_task),
                lr=settings.align_lr, batch_size=settings.batch_size, per_class=settings.samples_per_class,
                temperature=settings.temperature, generator=generator)
     return mixtures

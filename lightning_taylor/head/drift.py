@@ -1,6 +1,6 @@
 """Semantic drift compensation of class mixtures: move old classes' feature statistics with the backbone.
 
-A class mixture (:class:`~lightning_taylor.alignment.ClassMixtures`) describes a class's features under the
+A class mixture (:class:`~lightning_taylor.head.mixtures.ClassMixtures`) describes a class's features under the
 backbone of the moment it was fitted. When a later task changes the deployed backbone (a new delta joins the
 composition), the features of the old classes move, but their images are gone. Semantic drift compensation
 (Yu et al., "Semantic Drift Compensation for Class-Incremental Learning", CVPR 2020) estimates that move
@@ -22,8 +22,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from lightning_taylor._checks import expected
-from lightning_taylor.alignment import ClassMixtures
+from lightning_taylor.errors import expected
+from lightning_taylor.head.mixtures import ClassMixtures
 
 #: Kernel width relative to the median squared distance; measured on the MNIST stream (docs/learning_quality.md).
 DEFAULT_BANDWIDTH = 0.25

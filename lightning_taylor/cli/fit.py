@@ -8,17 +8,12 @@ checkpoint or a run directory — take the run's recorded ``config.yaml``. The t
 from the data: ``max_epochs = num_tasks × epochs_per_task``, data reloaded and the model validated at every
 task boundary; setting them otherwise is refused.
 
-``lightning-taylor edit RUN ...`` edits a finished run's composition (see ``lightning-taylor edit --help``).
-
-Bad settings and non-finite values end the command with a one-line message (exit status 2 and 1); set
-``LIGHTNING_TAYLOR_TRACEBACK=1`` for the full traceback.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,15 +24,13 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info
 
 import lightning_taylor.callbacks  # noqa: F401 (short class names: `--trainer.callbacks+=ITA`)
-from lightning_taylor._checks import InputError, check_positive_int, expected
-from lightning_taylor.console import quiet_lightning
+from lightning_taylor._checks import check_positive_int
+from lightning_taylor.cli.threads import auto_threads, available_cores, current_load
 from lightning_taylor.data import TaskStreamDataModule
 from lightning_taylor.data.split import uniform_size
-from lightning_taylor.finite import NonFiniteError
-from lightning_taylor.module import IncrementalViT
-from lightning_taylor.run import find_checkpoint, run_directory
-from lightning_taylor.threads import auto_threads, available_cores, current_load
-
+from lightning_taylor.errors import expected
+from lightning_taylor.model.module import IncrementalViT
+from lightning_taylor.runs.load import find_checkpoint, run_directory
 
 #: The offline demo: the trainer's defaults, and the settings that ``fit`` without ``--config`` runs
 #: (``configs/mnist/ita_aligned.yaml`` spells out the same run).
@@ -72,7 +65,6 @@ SUBCOMMANDS = {
     "validate": "evaluate the seen tasks of a run (--ckpt_path CHECKPOINT_OR_RUN_DIR)",
     "test": "evaluate the whole stream of a run (--ckpt_path CHECKPOINT_OR_RUN_DIR)",
     "predict": "LightningCLI's predict (needs a predict_dataloader)",
-    "edit": "unlearn / specialise / reweight a finished run's task deltas, evaluate, export for plain timm",
 }
 
 
@@ -106,7 +98,7 @@ class TaylorCLI(LightningCLI):
     ``max_epochs`` and ``check_val_every_n_epoch`` follow from ``num_tasks × epochs_per_task``; leave them
     unset (a value that disagrees is refused). Loaders are rebuilt every epoch (cheap), so a task boundary is
     never missed, also after resuming mid-task. ``--threads`` sets the CPU threads (default: chosen from the
-    free cores, :mod:`lightning_taylor.threads`).
+    free cores, :mod:`lightning_taylor.cli.threads`).
     """
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
@@ -195,7 +187,7 @@ def _without_checkpointing(config: Namespace) -> None:
         "ModelCheckpoint")]
 
 
-def _with_run_config(args: list[str]) -> list[str]:
+def with_run_config(args: list[str]) -> list[str]:
     """``SUBCOMMAND --ckpt_path RUN`` without ``--config``: the run's recorded ``config.yaml`` goes first."""
     if not args or args[0] not in ("fit", "validate", "test") or {"-c", "--config"} & set(args) \
             or any(a.startswith("--config=") for a in args):
@@ -210,7 +202,7 @@ def _with_run_config(args: list[str]) -> list[str]:
     return [args[0], "--config", os.fspath(config), *args[1:]]
 
 
-def _with_demo_config(args: list[str], subcommand: bool = True) -> list[str]:
+def with_demo_config(args: list[str], subcommand: bool = True) -> list[str]:
     """``fit`` without ``--config`` or ``--ckpt_path`` (without subcommands: any such call) gets the demo's config
     first."""
     rest = args[1:] if subcommand else args
@@ -234,7 +226,7 @@ def _option(args: Sequence[str], name: str) -> str | None:
 def cli(args: list[str] | None = None, run: bool = True) -> TaylorCLI:
     """Build (and with ``run``, execute) the CLI; ``args`` default to the command line."""
     if args is not None:
-        args = _with_demo_config(list(args), subcommand=run)
+        args = with_demo_config(list(args), subcommand=run)
     return TaylorCLI(
         IncrementalViT,
         TaskStreamDataModule,
@@ -245,45 +237,5 @@ def cli(args: list[str] | None = None, run: bool = True) -> TaylorCLI:
         save_config_kwargs={"overwrite": True},
         trainer_defaults=DEMO_TRAINER,
         parser_kwargs={name: {"description": f"lightning-taylor {name}: {text}."}
-                       for name, text in SUBCOMMANDS.items() if name != "edit"},
+                       for name, text in SUBCOMMANDS.items()},
     )
-
-
-def overview() -> str:
-    """``lightning-taylor --help``: what the command is and its subcommands."""
-    width = max(map(len, SUBCOMMANDS))
-    lines = ["usage: lightning-taylor SUBCOMMAND [options]", "",
-             "Incremental learning for pre-trained Vision Transformers by second-order task arithmetic (ITA / IEL).",
-             "", "subcommands:"]
-    lines += [f"  {name:<{width}}  {text}" for name, text in SUBCOMMANDS.items()]
-    lines += ["", "`lightning-taylor SUBCOMMAND --help` lists a subcommand's options; `lightning-taylor fit` alone "
-              "runs the offline demo."]
-    return "\n".join(lines)
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Console-script entry point: one-line errors for bad input (exit 2) and non-finite values (exit 1)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    quiet_lightning()
-    try:
-        if args[:1] == ["edit"]:  # a plain subcommand next to LightningCLI's fit / validate / test / ...
-            from lightning_taylor.edit import main as edit_main
-
-            edit_main(args[1:])
-        elif not args or args[0] in ("-h", "--help"):
-            print(overview())  # noqa: T201 (the command's output)
-            if not args:
-                raise SystemExit(2)
-        else:
-            # LightningCLI reads sys.argv (and warns when given both it and `args`).
-            sys.argv[1:] = _with_demo_config(_with_run_config(args))
-            cli()
-    except (InputError, NonFiniteError) as err:
-        if os.environ.get("LIGHTNING_TAYLOR_TRACEBACK"):
-            raise
-        print(f"lightning-taylor: error: {err}", file=sys.stderr)  # noqa: T201
-        raise SystemExit(2 if isinstance(err, InputError) else 1) from None
-
-
-if __name__ == "__main__":
-    main()

@@ -18,9 +18,9 @@ from torch.utils.data import DataLoader
 
 from lightning_taylor.data import TaskStreamDataModule
 from lightning_taylor.data.split import task_ranges
-from lightning_taylor.editing import Composition, uniform
+from lightning_taylor.deltas.composition import Composition, uniform
 from lightning_taylor.metrics import ContinualAccuracy
-from lightning_taylor.module import IncrementalViT
+from lightning_taylor.model.module import IncrementalViT
 
 
 def mask_logits(logits: Tensor, classes: Sequence[int]) -> Tensor:

@@ -37,16 +37,16 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import Tensor
 
-from lightning_taylor._checks import InputError, expected
-from lightning_taylor.backbone import resolve_model
 from lightning_taylor.data import TaskStreamDataModule
 from lightning_taylor.data.datasets import EMBEDDED
 from lightning_taylor.data.split import uniform_size
 from lightning_taylor.deltas import TaskDeltas, load_deltas
+from lightning_taylor.deltas.composition import uniform
 from lightning_taylor.deltas.io import check_model_spec, read_metadata
-from lightning_taylor.editing import uniform
+from lightning_taylor.errors import InputError, expected
 from lightning_taylor.finite import first_non_finite
-from lightning_taylor.module import IncrementalViT
+from lightning_taylor.model.backbone import resolve_model
+from lightning_taylor.model.module import IncrementalViT
 
 log = logging.getLogger(__name__)
 

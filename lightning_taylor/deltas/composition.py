@@ -13,13 +13,12 @@ Classifier heads are not edited here; masking removed classes at prediction time
 
 from __future__ import annotations
 
-import math
-import numbers
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
-from lightning_taylor._checks import expected
+from lightning_taylor._checks import check_finite_numbers
+from lightning_taylor.errors import expected
 
 
 @dataclass(frozen=True)
@@ -35,9 +34,9 @@ class Composition:
 
     def __post_init__(self) -> None:
         # A NaN or infinite coefficient would make every composed or merged weight non-finite.
-        _check_finite("weights", self.weights)
+        check_finite_numbers("weights", self.weights)
         for pattern, factors in self.layer_factors:
-            _check_finite(f"layer_factors[{pattern!r}]", factors)
+            check_finite_numbers(f"layer_factors[{pattern!r}]", factors)
 
     @property
     def tasks(self) -> list[int]:
@@ -52,13 +51,6 @@ class Composition:
                     if task in weights:
                         weights[task] *= float(factor)
         return weights
-
-
-def _check_finite(name: str, values: Mapping[Any, Any]) -> None:
-    """Refuse a mapping ``task -> number`` holding a non-number, NaN or ±inf, naming ``name`` and the task."""
-    for task, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-            raise expected(name, "finite numbers (no NaN or inf)", dict(values), f"Task {task} has {value!r}.")
 
 
 def check_layer_patterns(composition: Composition, layers: Sequence[str]) -> None:
@@ -91,7 +83,7 @@ def reweight(composition: Composition, factors: Mapping[int, float], layers: str
     Every factor must be finite.
     """
     _check_tasks("factors", factors, composition)
-    _check_finite("factors", factors)
+    check_finite_numbers("factors", factors)
     factors = {int(t): float(m) for t, m in factors.items()}
     if layers is not None:
         return Composition(dict(composition.weights), composition.layer_factors + ((layers, factors),))

@@ -24,9 +24,12 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-from lightning_taylor._checks import expected
-from lightning_taylor.edit import Edit, EditResult, apply_edit, export
-from lightning_taylor.run import find_checkpoint, load_run, run_directory
+from lightning_taylor.errors import expected
+from lightning_taylor.runs.edit import Edit, EditResult, apply_edit, export
+from lightning_taylor.runs.load import find_checkpoint, load_run, run_directory
+
+#: One line for ``lightning-taylor --help``.
+SUMMARY = "unlearn / specialise / reweight a finished run's task deltas, evaluate, export for plain timm"
 
 
 def _parse_factors(specs: Sequence[str], what: str) -> dict[int, float]:

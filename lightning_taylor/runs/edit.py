@@ -1,12 +1,12 @@
 """Editing a finished run: unlearn, specialise or reweight its task deltas, evaluate, export.
 
-On top of a :class:`~lightning_taylor.run.Run` (:func:`~lightning_taylor.run.load_run`):
+On top of a :class:`~lightning_taylor.runs.load.Run` (:func:`~lightning_taylor.runs.load.load_run`):
 
 - an :class:`Edit` (drop tasks, keep tasks, per-task and per-layer factors, all finite) turns the run's
-  tasks into a :class:`~lightning_taylor.editing.Composition` ``θ0 + Σ_s (m_s / T) τ_s``, starting from the
+  tasks into a :class:`~lightning_taylor.deltas.composition.Composition` ``θ0 + Σ_s (m_s / T) τ_s``, starting from the
   uniform one;
 - :func:`apply_edit` evaluates the run before (uniform composition) and after the edit on every seen task's
-  test set (:func:`~lightning_taylor.evaluation.evaluate`), optionally with the removed tasks' classes
+  test set (:func:`~lightning_taylor.runs.evaluate.evaluate`), optionally with the removed tasks' classes
   masked (logit −∞); :class:`EditResult` formats and saves both;
 - :func:`export` writes the merged composition as a plain timm ``state_dict`` (safetensors) whose metadata
   names the timm model, its constructor arguments and the head layout; it loads with torch, timm and
@@ -16,7 +16,7 @@ The head is never edited by a composition. Masking the removed tasks' classes is
 option: at evaluation their logits are set to −∞; in an exported model their head rows become weight 0 and
 bias −∞, which gives the same logits.
 
-The command line front end is ``lightning-taylor edit`` (:func:`main`, in :mod:`lightning_taylor.edit_cli`).
+The command line front end is ``lightning-taylor edit`` (:mod:`lightning_taylor.cli.edit`).
 """
 
 from __future__ import annotations
@@ -33,13 +33,19 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
-from lightning_taylor._checks import expected
-from lightning_taylor.data.split import uniform_size
+from lightning_taylor.data.split import classes_of, uniform_size
 from lightning_taylor.deltas import export_merged
-from lightning_taylor.editing import Composition, check_layer_patterns, reweight, specialise, uniform, unlearn
-# Loading and evaluation have their own modules; they stay importable from here (the documented API).
-from lightning_taylor.evaluation import accuracies, eval_loader, evaluate, mask_logits, predict  # noqa: F401
-from lightning_taylor.run import Run, find_checkpoint, load_run  # noqa: F401
+from lightning_taylor.deltas.composition import (
+    Composition,
+    check_layer_patterns,
+    reweight,
+    specialise,
+    uniform,
+    unlearn,
+)
+from lightning_taylor.errors import expected
+from lightning_taylor.runs.evaluate import evaluate
+from lightning_taylor.runs.load import Run
 
 
 # ----------------------------------------------------------------------------------------------- edits
@@ -103,12 +109,6 @@ def removed_tasks(composition: Composition, layers: Sequence[str]) -> list[int]:
     """Tasks whose coefficient is 0 in every one of ``layers``."""
     per_layer = [composition.for_layer(name) for name in layers]
     return [t for t in composition.tasks if all(weights[t] == 0 for weights in per_layer)]
-
-
-def task_classes(tasks: Sequence[int], task_ranges: Sequence[range]) -> list[int]:
-    """The (remapped) class indices owned by ``tasks``, given every task's range of classes."""
-    return [c for t in sorted(tasks) for c in task_ranges[t]]
-
 
 
 @dataclass
@@ -176,7 +176,7 @@ def apply_edit(run: Run, edit: Edit) -> EditResult:
     composition = edit.composition(run.tasks)
     check_layer_patterns(composition, run.deltas.names)
     removed = removed_tasks(composition, run.deltas.names)
-    masked = task_classes(removed, run.task_ranges) if edit.mask_removed else []
+    masked = classes_of(removed, run.task_ranges) if edit.mask_removed else []
     before = evaluate(run.model, run.datamodule, uniform(run.tasks))
     after = evaluate(run.model, run.datamodule, composition, masked)
     return EditResult(edit, composition, removed, masked, before, after)
@@ -250,14 +250,6 @@ def export(run: Run, path: str | os.PathLike, composition: Composition | Mapping
     return path
 
 
-# ------------------------------------------------------------------------------------------ command
-def main(args: Sequence[str] | None = None) -> EditResult:
-    """``lightning-taylor edit`` (see :func:`lightning_taylor.edit_cli.main`)."""
-    from lightning_taylor.edit_cli import main as edit_main  # the command builds on this module
-
-    return edit_main(args)
-
-
 # ------------------------------------------------------------------------------------------- helpers
 def _weights(composition: Composition) -> dict[str, float]:
     return {str(t): round(float(w), 6) for t, w in sorted(composition.weights.items())}
@@ -273,21 +265,3 @@ def _pct(value: float, signed: bool = False) -> str:
         return "-"
     return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
 
-
-__all__ = [
-    "Edit",
-    "EditResult",
-    "Run",
-    "accuracies",
-    "apply_edit",
-    "eval_loader",
-    "evaluate",
-    "export",
-    "find_checkpoint",
-    "load_run",
-    "main",
-    "mask_logits",
-    "predict",
-    "removed_tasks",
-    "task_classes",
-]

@@ -1,8 +1,16 @@
-"""KFAC factors across the tasks of a stream, and the memory they need (the ``curvature: kfac`` option).
+"""Curvature sums and counts across the tasks of a stream: diagonal (:class:`FisherAccumulator`) and KFAC
+(:class:`KroneckerAccumulator`).
 
-Task ``s`` contributes its Kronecker sums ``(A_s, G_s)`` over ``n_s`` examples (:class:`~lightning_taylor.kfac.
-KroneckerSums`, reduced across processes). The curvature of a set ``S`` of tasks (``s < t`` for ITA,
-``s ≤ t`` for IEL, as for the diagonal Fisher, docs/method.md §3), per example over ``N = Σ_{s∈S} n_s``:
+Both keep sums and example counts (never means), so a resumed run and one process against N give the same
+curvature, and both checkpoint as plain tensors and numbers. The curvature of a set ``S`` of tasks is ``s < t``
+for ITA and ``s ≤ t`` for IEL (docs/method.md §3).
+
+**Diagonal.** ``F̄_S = ε + Σ_{s∈S} F_s / Σ_{s∈S} n_s`` (only ε for ITA at ``t = 0``), with the true example
+counts (the reference's ITA normaliser counts task 0 twice; we do not).
+
+**KFAC.** Task ``s`` contributes its Kronecker sums ``(A_s, G_s)`` over ``n_s`` examples
+(:class:`~lightning_taylor.curvature.kfac.KroneckerSums`, reduced across processes); per example over
+``N = Σ_{s∈S} n_s``:
 
     exact sum:  F̄ = Σ_{s∈S} (n_s / N) Ā_s ⊗ Ḡ_s                      (``tasks="per_task"``: T pairs kept)
     merged:     F̄ ≈ (Σ_s A_s / (N·k)) ⊗ (Σ_s G_s / N)                 (``tasks="merged"``: one pair kept)
@@ -11,23 +19,21 @@ KroneckerSums`, reduced across processes). The curvature of a set ``S`` of tasks
 example-weighted mean of the ``Ā_s`` times the summed ``G_s`` (of the summed loss) per example: TAK's choice,
 constant memory; it equals the exact sum when the tasks share one ``Ā`` or one ``Ḡ``. ``per_task`` keeps
 one pair per task and costs one Kronecker product per task in every penalty step. The prior ``ε`` is not
-part of the factors: the penalties add ``ε ‖τ‖²`` (:mod:`lightning_taylor.kfac_penalties`).
-
-:class:`KroneckerAccumulator` keeps the sums and counts (never the means: a resumed run and one process
-against N give the same factors) and checkpoints them as plain tensors and numbers.
+part of the factors: the penalties add ``ε ‖τ‖²`` (:mod:`lightning_taylor.penalties.kfac`).
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import asdict
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from lightning_taylor._checks import check_choice, check_non_negative, expected
-from lightning_taylor.kfac import KroneckerSums, factor_memory
+from lightning_taylor._checks import check_choice, check_non_negative
+from lightning_taylor.curvature.diagonal import FisherSums
+from lightning_taylor.curvature.kfac import KroneckerSums
+from lightning_taylor.errors import expected
 
 KFACTasks = Literal["merged", "per_task"]
 
@@ -124,34 +130,63 @@ def _pooled(parts: list[KroneckerSums]) -> KroneckerSums:
                          sum(p.count for p in parts), first.tokens, first.estimator, first.approx)
 
 
-# -- memory ---------------------------------------------------------------------------------------------
-def available_memory(device: torch.device) -> int:
-    """Bytes that can still be allocated on ``device``: CUDA's free memory, else the host's available RAM."""
-    if device.type == "cuda":
-        return int(torch.cuda.mem_get_info(device)[0])
-    try:  # MemAvailable counts reclaimable page cache, unlike sysconf's free pages
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+class FisherAccumulator(nn.Module):
+    """Fisher sums and counts across tasks: ``past`` = Σ_{s<t} (F_s, n_s) and ``current`` = (F_t, n_t).
 
-
-def check_factor_memory(shapes: Mapping[str, tuple[int, int]], pairs: int, dtype: torch.dtype,
-                        device: torch.device, tasks: str) -> None:
-    """Refuse, before computing, factors that would not fit: ``pairs · Σ (in² + out²)`` numbers of ``dtype``.
-
-    ``pairs`` counts the factor pairs the next task adds (its sums, the penalty's means; ``per_task`` adds
-    one more stored pair per task).
+    ITA at task t uses ``F̄_<t = ε + Σ_{s<t} F_s / Σ_{s<t} n_s`` (only ε at t = 0); IEL uses
+    ``F̄_≤t = ε + Σ_{s≤t} F_s / Σ_{s≤t} n_s``. Counts are true example counts (the reference's ITA
+    normaliser counts task 0 twice; we do not). The state is checkpointed as plain tensors and numbers.
+    ``records`` keeps, per task, how its Fisher was made: ``{"task", "estimator", "count", "settings"}``.
     """
-    check_non_negative("pairs", pairs)
-    needed = pairs * factor_memory(shapes) * torch.empty((), dtype=dtype).element_size()
-    free = available_memory(device)
-    if needed > free:
-        hint = ("`kfac_tasks: merged` keeps one pair whatever the number of tasks; " if tasks == "per_task" else "")
-        raise expected("curvature", f"a curvature whose factors fit in {device} ({free / 2**30:.2f} GiB free)",
-                       "kfac", f"The KFAC factors of this task need {needed / 2**30:.2f} GiB ({pairs} pairs of "
-                       f"{factor_memory(shapes):,} numbers, {dtype}). {hint}Use `curvature: diagonal`, fewer "
-                       "`targets`, or a device with more memory.")
+
+    def __init__(self, prior: float = 1e-5) -> None:
+        super().__init__()
+        check_non_negative("prior", prior)
+        self.prior = prior
+        self.past: dict[str, Tensor] = {}
+        self.past_count = 0
+        self.current: dict[str, Tensor] = {}
+        self.current_count = 0
+        self.current_task = -1
+        self.estimators: list[str] = []
+        self.records: list[dict[str, Any]] = []
+
+    def set_task(self, task: int, fisher: FisherSums) -> None:
+        """Record ``F_task``; the previous task's sums move into ``past`` first."""
+        if task <= self.current_task:
+            raise expected("task", f"an index after the last recorded task {self.current_task}", task)
+        if self.current_task >= 0:
+            for key, value in self.current.items():
+                self.past[key] = self.past[key] + value if key in self.past else value.clone()
+            self.past_count += self.current_count
+        self.current = {k: v.detach().clone() for k, v in fisher.sums.items()}
+        self.current_count = fisher.count
+        self.current_task = task
+        self.estimators.append(fisher.estimator)
+        self.records.append({"task": task, "estimator": fisher.estimator, "count": fisher.count,
+                             "settings": dict(fisher.settings)})
+
+    def curvature(self, include_current: bool) -> dict[str, Tensor]:
+        """``ε + Σ F / Σ n`` over past tasks, plus the current one when ``include_current`` (IEL)."""
+        out = {}
+        for key, current in self.current.items():
+            total, count = self.past.get(key, torch.zeros_like(current)), self.past_count
+            if include_current:
+                total, count = total + current, count + self.current_count
+            out[key] = self.prior + (total / count if count else torch.zeros_like(total))
+        return out
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "prior": self.prior, "past": self.past, "past_count": self.past_count, "current": self.current,
+            "current_count": self.current_count, "current_task": self.current_task, "estimators": self.estimators,
+            "records": self.records,
+        }
+
+    def set_extra_state(self, state: dict[str, Any]) -> None:
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def extra_repr(self) -> str:
+        return (f"prior={self.prior}, current_task={self.current_task}, past_count={self.past_count}, "
+                f"current_count={self.current_count}, tensors={len(self.current)}")

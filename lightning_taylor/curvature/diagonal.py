@@ -56,7 +56,7 @@ about one training step.
 
 Memory is bounded: a batch is split into micro-batches of at most ``chunk_size`` (cotangent, example)
 rows per backward (the results do not depend on it: examples are independent in eval mode), and the
-squaring into blocks of about :func:`_workspace` elements.
+squaring into blocks (:mod:`lightning_taylor.curvature._squaring`).
 
 **Distributed.** Each process passes only its own shard (every example exactly once: no padded duplicates,
 which e.g. ``DistributedSampler`` adds to even out shards), then calls :meth:`FisherSums.all_reduce`, which
@@ -74,22 +74,22 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from lightning_taylor._checks import check_choice, check_non_negative, check_positive_int, expected
+from lightning_taylor._checks import check_choice, check_positive_int
+from lightning_taylor.curvature._cotangents import (
+    cotangents,
+    probabilities,
+    topk_classes,
+)
+from lightning_taylor.curvature._squaring import add_weight_squares
 from lightning_taylor.deltas.adapters import routed
+from lightning_taylor.errors import expected
 from lightning_taylor.precision import full_precision
 
 Estimator = Literal["exact", "mc", "topk", "empirical"]
 
-#: Largest number of elements of one squaring block (per-example gradients or Gram matrices) on the CPU
-#: (:func:`_workspace`): 2 MiB of float32, which stays in a core's cache.
-_WORKSPACE = 1 << 19
-#: Fewest elements of one per-example gradient block row for which the direct form adds each gradient's
-#: square by its own fused call (:func:`_add_direct_squares`).
-_FUSED_MIN = 1 << 16
 #: With ``chunk_size=None``: bytes of target-output cotangents one vectorised backward may produce (on a
 #: CUDA device: at least an eighth of its free memory).
 _ROWS_BYTES = 1 << 27
@@ -205,40 +205,6 @@ def _check_called(model: nn.Module, module_names: Sequence[str], store: Mapping[
                            "formed from the layer's input and output; leave it out.")
 
 
-def _probabilities(logits: Tensor) -> Tensor:
-    """Softmax in at least float32, returned in the logits' dtype (float64 stays float64)."""
-    return logits.detach().to(torch.promote_types(logits.dtype, torch.float32)).softmax(dim=-1).to(logits.dtype)
-
-
-def _topk_classes(probs: Tensor, top_k: int) -> Tensor:
-    """The reference's truncation: the ``top_k`` classes most often among the examples' ``top_k`` most
-    probable classes (ties: lower class index first)."""
-    top = probs.topk(min(top_k, probs.shape[1]), dim=1).indices
-    counts = torch.bincount(top.reshape(-1), minlength=probs.shape[1])
-    return counts.argsort(descending=True, stable=True)[:top_k]
-
-
-def _cotangents(
-    probs: Tensor, estimator: str, classes: Tensor | None, uniforms: Tensor | None, labels: Tensor | None
-) -> Tensor:
-    """The estimator's cotangents on the logits, ``K × B × C`` (see the module docstring)."""
-    num_classes = probs.shape[1]
-    if estimator in ("exact", "topk"):
-        chosen = torch.arange(num_classes, device=probs.device) if classes is None else classes.to(probs.device)
-        onehot = F.one_hot(chosen, num_classes).to(probs.dtype)                     # K × C
-        return probs[:, chosen].T.sqrt().unsqueeze(-1) * (onehot.unsqueeze(1) - probs)  # K × B × C
-    if estimator == "mc":
-        # Inverse-CDF sampling from uniforms drawn per batch: the same draws whatever the micro-batching.
-        cdf = probs.double().cumsum(dim=1)
-        sampled = torch.searchsorted(cdf, uniforms.to(probs.device), right=True).clamp_(max=num_classes - 1)
-        onehot = F.one_hot(sampled.T, num_classes).to(probs.dtype)                  # S × B × C
-        return (onehot - probs) / math.sqrt(sampled.shape[1])
-    labels = labels.to(probs.device)
-    if labels.numel() and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
-        raise expected("batches", f"labels in [0, {num_classes})", labels.tolist())
-    return (F.one_hot(labels, num_classes).to(probs.dtype) - probs).unsqueeze(0)
-
-
 def _math_attention() -> contextlib.AbstractContextManager:
     """Selects PyTorch's math attention kernel, whose backward has vmap batching rules (the fused CPU and CUDA
     kernels' backwards do not, so vmap would loop over the cotangents); a no-op on old PyTorch versions."""
@@ -270,127 +236,6 @@ def _vjp(logits: Tensor, outputs: list[Tensor], cotangents: Tensor, vectorize: l
     if cotangents.shape[0] == 1:  # mc with one sample, empirical: a view, not a copy of every target output
         return [grad.unsqueeze(0) for grad in backward(cotangents[0])]
     return [torch.stack(grads) for grads in zip(*(backward(v) for v in cotangents))]
-
-
-def _use_gram(rows: int, tokens: int, in_features: int) -> bool:
-    """Whether the Gram form is the faster one for ``K = rows`` cotangents, ``N = tokens`` tokens and
-    ``in_features`` inputs.
-
-    By operation counts, Gram (``N(N+1)/2·out·in``, the token pairs ``m ≥ n`` only) beats direct
-    (``K·N·out·in``) once ``K > (N+1)/2``; but direct's batched product runs ever closer to peak speed as
-    ``N`` grows, while Gram adds its small Gram products and the gathers of the pairs (relatively more
-    for a narrow input). Measured on CPU (``benchmarks/squaring.py``: 1 thread, out × in = 576 × 192 and
-    192 × 768; two runs), the two forms cost the same at ``K ≈ 10–12`` and ``8–9.5`` for ``N = 17`` tokens
-    (in = 192, 768), ``85–95`` and ``50–55`` for ``N = 65``, above ``400`` and ``230–370`` for ``N = 197``:
-    ``K ≈ 0.11·N^1.5·(768 / in)^¼`` within the noise.
-    """
-    return rows > 0.11 * tokens**1.5 * (768 / in_features) ** 0.25
-
-
-def _workspace(device: torch.device) -> int:
-    """Elements of one squaring block: ``_WORKSPACE`` on the CPU, where blocks that stay in the cache made the
-    direct form 20–60 % faster than 16 MiB blocks streamed through memory (``benchmarks/squaring.py``); 8×
-    that on an accelerator, where fewer and larger kernels pay (the size used everywhere before; not
-    re-measured: no GPU so far)."""
-    return _WORKSPACE if device.type == "cpu" else 8 * _WORKSPACE
-
-
-def _add_weight_squares(out: Tensor, g: Tensor, a: Tensor) -> None:
-    """``out += Σ_k Σ_b (Σ_n g[k, b, n] ⊗ a[b, n])²`` for ``g`` (K × B × N × out) and ``a`` (B × N × in).
-
-    Blocked so that no intermediate holds much more than :func:`_workspace` elements (besides one
-    example's cotangents, transposed, in the Gram form).
-    """
-    workspace = _workspace(out.device)
-    rows, batch, tokens, out_features = g.shape
-    in_features = a.shape[-1]
-    if tokens == 1:  # (g a)² = g² a²: sum the squares over cotangents first, then one matrix product
-        step_b = max(1, workspace // (rows * out_features + in_features))
-        for b0 in range(0, batch, step_b):
-            out.addmm_(g[:, b0 : b0 + step_b, 0].square().sum(dim=0).T, a[b0 : b0 + step_b, 0].square())
-    elif _use_gram(rows, tokens, in_features):
-        _add_gram_squares(out, g, a, workspace)
-    else:
-        _add_direct_squares(out, g, a, workspace)
-
-
-def _add_direct_squares(out: Tensor, g: Tensor, a: Tensor, workspace: int) -> None:
-    """Direct form of :func:`_add_weight_squares`: the per-example gradients ``P = g_kᵀ a`` (one batched
-    product per block of examples and output units), squared and summed into ``out``.
-
-    Where a block's output rows are wide (at least ``_FUSED_MIN`` elements, e.g. ``K = 1``), each gradient
-    is added by one fused ``out += P ⊙ P`` pass (``addcmul_``), about 1.5× faster than squaring the block in
-    place and summing it, which reads it twice; with many narrow rows (large ``K``) the per-call cost of
-    that loop outweighs the saving, and the block is squared and summed in one reduction instead
-    (``benchmarks/squaring.py``).
-    """
-    rows, batch, tokens, out_features = g.shape
-    in_features = a.shape[-1]
-    step_o = max(1, min(out_features, workspace // (rows * in_features)))
-    step_b = max(1, workspace // (rows * step_o * in_features))
-    fused = step_o * in_features >= _FUSED_MIN
-    for b0 in range(0, batch, step_b):
-        ab = a[b0 : b0 + step_b]
-        nb = ab.shape[0]
-        for o0 in range(0, out_features, step_o):
-            gs = g[:, b0 : b0 + nb, :, o0 : o0 + step_o]
-            no = gs.shape[-1]
-            per_example = torch.bmm(gs.permute(1, 0, 3, 2).reshape(nb, rows * no, tokens), ab)  # b × (K·o) × in
-            gradients = per_example.view(nb * rows, no, in_features)
-            block = out[o0 : o0 + no]
-            if fused:
-                for gradient in gradients:
-                    block.addcmul_(gradient, gradient)
-            else:
-                block += gradients.square_().sum(dim=0)
-
-
-def _pair_blocks(tokens: int, step_n: int, device: torch.device, dtype: torch.dtype
-                 ) -> list[tuple[int, int, Tensor, Tensor, Tensor]]:
-    """The token pairs ``(n, m)`` with ``m ≥ n``, in blocks of ``step_n`` first tokens ``n0 ≤ n < n1``: per
-    block ``(n0, n1, n − n0, m − n0, w)`` with the weights ``w`` (pairs × 1) of
-    ``Σ_{n,m} = Σ_{n=m} + 2 Σ_{m>n}``, exact for terms symmetric in ``n, m``."""
-    blocks = []
-    for n0 in range(0, tokens, step_n):
-        n1 = min(tokens, n0 + step_n)
-        n, m = torch.triu_indices(n1 - n0, tokens - n0, device=device)
-        blocks.append((n0, n1, n, m, torch.where(n == m, 1.0, 2.0).to(dtype).unsqueeze(1)))
-    return blocks
-
-
-def _add_gram_squares(out: Tensor, g: Tensor, a: Tensor, workspace: int) -> None:
-    """Gram form of :func:`_add_weight_squares` (:func:`_add_example_gram_squares`), example by example,
-    in blocks of first tokens and output units whose Gram matrices and pair products hold at most about
-    ``workspace`` elements."""
-    _, batch, tokens, out_features = g.shape
-    in_features = a.shape[-1]
-    step_n = max(1, min(tokens, workspace // (tokens * in_features)))
-    step_o = max(1, min(out_features, workspace // (step_n * tokens)))
-    blocks = _pair_blocks(tokens, step_n, a.device, a.dtype)
-    for b in range(batch):
-        _add_example_gram_squares(out, g[:, b], a[b], blocks, step_o)
-
-
-def _add_example_gram_squares(out: Tensor, g: Tensor, a: Tensor,
-                              blocks: list[tuple[int, int, Tensor, Tensor, Tensor]], step_o: int) -> None:
-    """Gram form for one example (``g``: K × N × out, ``a``: N × in):
-
-        Σ_k (Σ_n g_kn,o a_n,i)² = Σ_{m≥n} w_nm · G_o[n, m] · a_n,i a_m,i,    G_o = Σ_k g_k,·o g_k,·oᵀ  (N × N),
-
-    ``w_nm = 1`` on the diagonal and 2 above it, so that each pair's ``in``-wide product is made once: a
-    matrix product of the Gram entries (out × pairs) with the token-pair products (pairs × in), per block
-    of first tokens (:func:`_pair_blocks`) and of ``step_o`` output units. The cotangents are transposed
-    once, by a 2-D transpose, so that ``K`` is the contiguous dimension of the Gram products (a strided
-    4-D permute costs more than the products themselves).
-    """
-    rows, tokens, out_features = g.shape
-    gk = g.reshape(rows, -1).T.contiguous().view(tokens, out_features, rows).transpose(0, 1)  # out × N × K
-    for n0, n1, n, m, weights in blocks:
-        pairs = a[n0 + n] * (a[n0 + m] * weights)                                        # pairs × in
-        for o0 in range(0, out_features, step_o):
-            gb = gk[o0 : o0 + step_o]
-            gram = torch.bmm(gb[:, n0:n1], gb[:, n0:].transpose(1, 2))                   # o × n × (N − n0)
-            out[o0 : o0 + gb.shape[0]].addmm_(gram[:, n, m], pairs)
 
 
 def _probe(model: nn.Module, modules: Mapping[str, nn.Module], params: dict[str, Tensor], x: Tensor) -> tuple[int, int]:
@@ -493,8 +338,8 @@ def diagonal_fisher(
             classes = uniforms = None
             if estimator == "topk" and len(micro) > 1:  # the class choice is made on the whole batch
                 with torch.no_grad():
-                    probs = torch.cat([_probabilities(functional_call(model, detached, (x[s],))) for s in micro])
-                classes = _topk_classes(probs, top_k)
+                    probs = torch.cat([probabilities(functional_call(model, detached, (x[s],))) for s in micro])
+                classes = topk_classes(probs, top_k)
             elif estimator == "mc":  # drawn per batch: the same labels whatever the micro-batching
                 uniforms = torch.rand(size, samples, generator=generator, dtype=torch.float64)
             for s in micro:
@@ -505,14 +350,14 @@ def diagonal_fisher(
                 _check_called(model, module_names, store)
                 if logits.ndim != 2:
                     raise expected("model", "a classifier returning B × C logits", tuple(logits.shape))
-                probs = _probabilities(logits)
+                probs = probabilities(logits)
                 if estimator == "topk" and classes is None:  # one micro-batch: the whole batch
-                    classes = _topk_classes(probs, top_k)
-                cotangents = _cotangents(probs, estimator, classes,
-                                         None if uniforms is None else uniforms[s], None if y is None else y[s])
+                    classes = topk_classes(probs, top_k)
+                vectors = cotangents(probs, estimator, classes,
+                                     None if uniforms is None else uniforms[s], None if y is None else y[s])
                 outputs = [store[name][1] for name in module_names]
-                for k0 in range(0, cotangents.shape[0], rows):  # several backwards only when K > rows
-                    grads = dict(zip(module_names, _vjp(logits, outputs, cotangents[k0 : k0 + rows], vectorize)))
+                for k0 in range(0, vectors.shape[0], rows):  # several backwards only when K > rows
+                    grads = dict(zip(module_names, _vjp(logits, outputs, vectors[k0 : k0 + rows], vectorize)))
                     for pname, (module_name, attr) in resolved.items():
                         g = grads[module_name]
                         g = g.reshape(g.shape[0], g.shape[1], -1, g.shape[-1])  # K × b × N × out
@@ -520,7 +365,7 @@ def diagonal_fisher(
                             sums[pname] += g.sum(dim=2).square().sum(dim=(0, 1))
                         else:
                             a = store[module_name][0]
-                            _add_weight_squares(sums[pname], g, a.reshape(a.shape[0], -1, a.shape[-1]))
+                            add_weight_squares(sums[pname], g, a.reshape(a.shape[0], -1, a.shape[-1]))
                     del grads
                 del store, logits, outputs
             count += size
@@ -530,65 +375,3 @@ def diagonal_fisher(
         model.train(was_training)
     settings = {"samples": samples} if estimator == "mc" else {"top_k": top_k} if estimator == "topk" else {}
     return FisherSums(sums, count, estimator, settings)
-
-
-class FisherAccumulator(nn.Module):
-    """Fisher sums and counts across tasks: ``past`` = Σ_{s<t} (F_s, n_s) and ``current`` = (F_t, n_t).
-
-    ITA at task t uses ``F̄_<t = ε + Σ_{s<t} F_s / Σ_{s<t} n_s`` (only ε at t = 0); IEL uses
-    ``F̄_≤t = ε + Σ_{s≤t} F_s / Σ_{s≤t} n_s``. Counts are true example counts (the reference's ITA
-    normaliser counts task 0 twice; we do not). The state is checkpointed as plain tensors and numbers.
-    ``records`` keeps, per task, how its Fisher was made: ``{"task", "estimator", "count", "settings"}``.
-    """
-
-    def __init__(self, prior: float = 1e-5) -> None:
-        super().__init__()
-        check_non_negative("prior", prior)
-        self.prior = prior
-        self.past: dict[str, Tensor] = {}
-        self.past_count = 0
-        self.current: dict[str, Tensor] = {}
-        self.current_count = 0
-        self.current_task = -1
-        self.estimators: list[str] = []
-        self.records: list[dict[str, Any]] = []
-
-    def set_task(self, task: int, fisher: FisherSums) -> None:
-        """Record ``F_task``; the previous task's sums move into ``past`` first."""
-        if task <= self.current_task:
-            raise expected("task", f"an index after the last recorded task {self.current_task}", task)
-        if self.current_task >= 0:
-            for key, value in self.current.items():
-                self.past[key] = self.past[key] + value if key in self.past else value.clone()
-            self.past_count += self.current_count
-        self.current = {k: v.detach().clone() for k, v in fisher.sums.items()}
-        self.current_count = fisher.count
-        self.current_task = task
-        self.estimators.append(fisher.estimator)
-        self.records.append({"task": task, "estimator": fisher.estimator, "count": fisher.count,
-                             "settings": dict(fisher.settings)})
-
-    def curvature(self, include_current: bool) -> dict[str, Tensor]:
-        """``ε + Σ F / Σ n`` over past tasks, plus the current one when ``include_current`` (IEL)."""
-        out = {}
-        for key, current in self.current.items():
-            total, count = self.past.get(key, torch.zeros_like(current)), self.past_count
-            if include_current:
-                total, count = total + current, count + self.current_count
-            out[key] = self.prior + (total / count if count else torch.zeros_like(total))
-        return out
-
-    def get_extra_state(self) -> dict[str, Any]:
-        return {
-            "prior": self.prior, "past": self.past, "past_count": self.past_count, "current": self.current,
-            "current_count": self.current_count, "current_task": self.current_task, "estimators": self.estimators,
-            "records": self.records,
-        }
-
-    def set_extra_state(self, state: dict[str, Any]) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
-
-    def extra_repr(self) -> str:
-        return (f"prior={self.prior}, current_task={self.current_task}, past_count={self.past_count}, "
-                f"current_count={self.current_count}, tensors={len(self.current)}")
