@@ -27,12 +27,13 @@ Under DDP the decision is all-reduced, so every process raises or skips together
 from __future__ import annotations
 
 import logging
-from typing import Literal, Mapping
+from typing import Literal, Mapping, get_args
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
+from lightning_taylor._checks import check_choice
 from lightning_taylor.finite import NonFiniteError, all_finite, first_non_finite
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ class StepGuard:
     """Per-step finiteness check (see the module docstring); plain state, nothing to checkpoint but a count."""
 
     def __init__(self, mode: OnNonFinite = "raise") -> None:
+        check_choice("on_non_finite", mode, get_args(OnNonFinite))
         self.mode = mode
         self.skipped = 0
         self._losses: list[Tensor] = []
