@@ -23,13 +23,16 @@ def test_shipped_config_parses_and_instantiates(config):
         pytest.skip("a template whose root is a placeholder: tests/test_data.py fits it on a fake folder")
     # The embedded streams' configs use the embedded backbone offline.
     pretrained = [] if "digits" in config or "mnist" in config else OFFLINE
-    parsed = cli(["--config", config, *pretrained], run=False)
+    # Method options from the command line, in both spellings (lightning_taylor/cli/overrides.py).
+    method_options = ["--method.fisher_batch_size", "7", "--trainer.callbacks.max_grad_norm=50"]
+    parsed = cli(["--config", config, *pretrained, *method_options], run=False)
     data, model, trainer = parsed.datamodule, parsed.model, parsed.trainer
     assert model.hparams.num_classes == data.num_classes
     assert model.task_ranges == data.task_ranges  # the class partition (uneven for cars196)
     assert model.hparams.epochs_per_task == data.epochs_per_task
     algorithms = [c for c in trainer.callbacks if isinstance(c, SecondOrder)]
     assert len(algorithms) == 1
+    assert algorithms[0].curvature_settings.batch_size == 7 and algorithms[0].penalty_settings.max_grad_norm == 50
     if Path(config).stem in ("ita", "iel"):
         assert type(algorithms[0]) is {"ita": ITA, "iel": IEL}[Path(config).stem]
     if Path(config).parent.name == "mnist":

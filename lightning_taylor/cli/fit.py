@@ -14,17 +14,29 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 from jsonargparse import Namespace
 from lightning.pytorch.accelerators import CPUAccelerator
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import (
+    LightningArgumentParser,
+    LightningCLI,
+    SaveConfigCallback,
+)
 from lightning.pytorch.utilities import rank_zero_info
 
 import lightning_taylor.callbacks  # noqa: F401 (short class names: `--trainer.callbacks+=ITA`)
 from lightning_taylor._checks import check_positive_int
+from lightning_taylor.cli.overrides import (
+    callbacks_argument,
+    split_method_options,
+    with_method_options,
+    without_printing,
+)
+from lightning_taylor.cli.parser import TaylorArgumentParser
 from lightning_taylor.cli.threads import auto_threads, available_cores, current_load
 from lightning_taylor.data import TaskStreamDataModule
 from lightning_taylor.data.split import uniform_size
@@ -98,8 +110,26 @@ class TaylorCLI(LightningCLI):
     ``max_epochs`` and ``check_val_every_n_epoch`` follow from ``num_tasks × epochs_per_task``; leave them
     unset (a value that disagrees is refused). Loaders are rebuilt every epoch (cheap), so a task boundary is
     never missed, also after resuming mid-task. ``--threads`` sets the CPU threads (default: chosen from the
-    free cores, :mod:`lightning_taylor.cli.threads`).
+    free cores, :mod:`lightning_taylor.cli.threads`). ``--method.NAME VALUE`` sets an argument of the config's
+    method callback (:mod:`lightning_taylor.cli.overrides`); command-line errors are a few lines
+    (:mod:`lightning_taylor.cli.parser`).
     """
+
+    def __init__(self, *args: Any, parser_class: type[LightningArgumentParser] = TaylorArgumentParser,
+                 **kwargs: Any) -> None:
+        super().__init__(*args, parser_class=parser_class, **kwargs)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if isinstance(args, (dict, Namespace)):
+            self.config = parser.parse_object(args)
+            return
+        args = list(sys.argv[1:] if args is None else args)
+        args, options = split_method_options(args)
+        if options:  # one parse to find the method among the callbacks, then the list with the options set
+            first = parser.parse_args(without_printing(args))
+            config = first[first.subcommand] if first.get("subcommand") else first
+            args = [*args, callbacks_argument(with_method_options(config.trainer.get("callbacks") or [], options))]
+        self.config = parser.parse_args(args)
 
     def add_arguments_to_parser(self, parser) -> None:  # noqa: ANN001
         parser.link_arguments("data.epochs_per_task", "model.epochs_per_task")
