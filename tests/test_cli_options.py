@@ -43,10 +43,10 @@ def test_method_arguments_do_not_shadow_the_checkpoint_callbacks_options():
 
 def test_demo_takes_method_options_and_keeps_its_callbacks():
     parsed = cli(["--trainer.callbacks.alpha", "5", "--method.rank", "8", "--method.curvature=kfac",
-                  "--trainer.logger", "false"], run=False)
+                  "--method.pretuning.probe_epochs", "7", "--trainer.logger", "false"], run=False)
     ita = method(parsed)
     assert type(ita) is ITA and ita.strength == 5.0 and ita.delta_settings.rank == 8
-    assert ita.curvature_settings.kind == "kfac"
+    assert ita.curvature_settings.kind == "kfac" and ita.pretuning.probe_epochs == 7
     assert ita.head_alignment == "drift_compensated"  # the demo's other settings are kept
     names = [type(c).__name__ for c in parsed.trainer.callbacks]
     assert names.count("ContinualEvaluation") == 1 and names.count("ModelCheckpoint") == 1  # nothing doubled
@@ -92,6 +92,7 @@ def run_main(args, capsys, monkeypatch, traceback=False):
     (["fit", "--method.alhpa", "3"], ["--method.alhpa", "alpha"]),
     (["fit", "--trainer.callbacks.rank", "abc"], ["--trainer.callbacks.rank", "'abc'", "int"]),
     (["fit", "--model.lr", "abc"], ["model.lr", "abc", "float"]),
+    (["fit", "--method.pretuning.probe_epochs", "x"], ["pretuning.probe_epochs", "int", "x"]),
     (["fit", "--data.num_taks", "3"], ["unrecognized arguments", "--data.num_taks"]),
     (["fit", "--trainer.callbacks.monitor", "3", "--trainer.callbacks.save_top_k", "x"], ["save_top_k"]),
 ])

@@ -31,6 +31,7 @@ from typing import (
     get_type_hints,
 )
 
+import yaml
 from jsonargparse import ArgumentParser
 
 from lightning_taylor.callbacks import (
@@ -113,9 +114,14 @@ def with_method_options(callbacks: Iterable[Any], options: Sequence[tuple[str, s
     accepted = init_arguments(cls)
     init_args = dict(method.get("init_args") or {})
     for flag, name, raw in options:
-        if name not in accepted:
-            raise expected(flag, f"an argument of {cls.__name__} ({', '.join(accepted)})", name)
-        init_args[name] = typed_value(cls, name, raw, flag)
+        argument, _, nested = name.partition(".")  # `pretuning.probe_epochs`: a field of a dataclass argument
+        if argument not in accepted:
+            raise expected(flag, f"an argument of {cls.__name__} ({', '.join(accepted)})", argument)
+        if nested:  # checked against the field's type by the second parse
+            group = init_args[argument] = dict(_as_dict(init_args[argument]) if init_args.get(argument) else {})
+            group[nested] = yaml.safe_load(raw)
+        else:
+            init_args[name] = typed_value(cls, name, raw, flag)
     method["init_args"] = init_args
     return items
 

@@ -14,25 +14,34 @@ from typing import NoReturn
 
 from lightning.pytorch.cli import LightningArgumentParser
 
-#: jsonargparse's lines that say how it searched rather than what is wrong
-_SEARCH_LINES = ("Subtypes:", "Errors:", "Given value type:", "- Expected a <class 'NoneType'>")
+#: jsonargparse's lines that say how it searched rather than what is wrong (compared without a leading "- ")
+_SEARCH_LINES = ("Subtypes:", "Errors:", "Given value type:", "Given value:", "Expected a <class 'NoneType'>",
+                 "Expected a path but", "Does not validate against any of the Union subtypes",
+                 "Not a valid subclass of", "Subclass types expect one of:", "a class path (str)", "a dict with",
+                 "a dict without")
 MAX_DETAIL_LINES = 4
+#: longer lines (jsonargparse quotes whole values, e.g. a list of callbacks) are cut
+MAX_LINE = 200
 
 
 def short_message(message: str) -> str:
     """The first line of jsonargparse's ``message`` and at most :data:`MAX_DETAIL_LINES` lines of detail."""
-    lines = [line.strip() for line in str(message).strip().splitlines() if line.strip()]
+    lines = [_cut(line.strip()) for line in str(message).strip().splitlines() if line.strip()]
     if not lines:
         return "invalid arguments"
     details: list[str] = []
     for line in lines[1:]:
-        if line.startswith(_SEARCH_LINES) or line in details:
+        if line.removeprefix("- ").startswith(_SEARCH_LINES) or line in details:
             continue
         details.append(line)
     shown = details[:MAX_DETAIL_LINES]
     if len(details) > len(shown):
         shown.append(f"... ({len(details) - len(shown)} more lines)")
     return "\n  ".join([lines[0], *shown])
+
+
+def _cut(line: str) -> str:
+    return line if len(line) <= MAX_LINE else line[:MAX_LINE - 5] + " ..."
 
 
 class TaylorArgumentParser(LightningArgumentParser):
