@@ -179,7 +179,8 @@ def direct_sums(entry, task: int) -> KroneckerSums:
     finally:
         head.load_state_dict(trained)
     return KroneckerSums({n: sums.inputs[f"model.backbone.{n}"] for n in names},
-                         {n: sums.grads[f"model.backbone.{n}"] for n in names}, sums.count, sums.tokens)
+                         {n: sums.grads[f"model.backbone.{n}"] for n in names}, sums.count,
+                         {n: sums.tokens[f"model.backbone.{n}"] for n in names})
 
 
 @pytest.mark.parametrize("key", RUNS)

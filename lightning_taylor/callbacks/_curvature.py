@@ -79,7 +79,7 @@ class CurvatureStrategy:
         self._prepared = None
 
 
-def _strip(sums: dict[str, Tensor]) -> dict[str, Tensor]:
+def _strip(sums: dict[str, Any]) -> dict[str, Any]:
     return {name[len(BACKBONE_PREFIX):]: value for name, value in sums.items()}
 
 
@@ -146,7 +146,7 @@ class KFACCurvature(CurvatureStrategy):
         sums = kronecker_sums(data.classifier, data.batches, [f"{BACKBONE_PREFIX}{name}" for name in deltas.names],
                               settings.estimator, settings.kfac_approx, settings.samples, data.generator)
         sums.all_reduce()  # every rank reaches this collective; sums and counts, divided later
-        sums.inputs, sums.grads = _strip(sums.inputs), _strip(sums.grads)
+        sums.inputs, sums.grads, sums.tokens = _strip(sums.inputs), _strip(sums.grads), _strip(sums.tokens)
         show(trainer, f"{prefix} KFAC ({sums.approx}, {sums.estimator}) over {sums.count} examples")
         return sums
 
