@@ -41,17 +41,21 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 from torch.func import functional_call, jvp  # noqa: E402
 from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lightning_taylor.deltas import TaskDeltas  # noqa: E402
 from lightning_taylor.curvature import diagonal_fisher  # noqa: E402
-from lightning_taylor.curvature import kronecker_sums, quadratic  # noqa: E402
+from lightning_taylor.curvature import kronecker_sums  # noqa: E402
 from lightning_taylor.penalties.kfac import kfac_delta_penalty, prepare_curvature  # noqa: E402
 from lightning_taylor.penalties import delta_penalty  # noqa: E402
 from lightning_taylor.runs.load import load_run  # noqa: E402
+
+
+def quadratic(x: torch.Tensor, y: torch.Tensor, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """KFAC's ``tr(Ḡ x Ā yᵀ)`` of deltas ``x, y`` (out × in), ``a = Ā``, ``g = Ḡ``."""
+    return (g @ x @ a * y).sum()
 
 
 def ggn_form(model: torch.nn.Module, batches: list, tangents: dict[str, torch.Tensor]) -> float:
@@ -174,8 +178,7 @@ def main() -> None:
     run = load_run(args.run)
     model, deltas, data = run.model, run.deltas, run.datamodule
     head = model.head
-    head.load_state_dict({k: v.to(head.weight) for k, v in
-                          load_file(os.path.join(run.run_dir, "pretuned_head.safetensors")).items()})
+    head.load_state_dict({k: v.to(head.weight) for k, v in run.pretuned_heads().last.items()})
     dataset = data.tasks_dataset(range(data.num_tasks), "train")
     generator = torch.Generator().manual_seed(0)
     index = torch.randperm(len(dataset), generator=generator)[: args.examples].tolist()

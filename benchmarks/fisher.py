@@ -3,6 +3,7 @@
 Run from the repository root (about 3-5 minutes on 2 CPU cores):
 
     HF_HUB_OFFLINE=1 python benchmarks/fisher.py --classes 10 50 --repeats 5 --device cpu
+    HF_HUB_OFFLINE=1 nice -n 19 python benchmarks/fisher.py --sweep --repeats 3     # tokens × threads × C
 
 For every class count C it builds the same tiny timm ViT and the same data, then
 
@@ -13,7 +14,8 @@ For every class count C it builds the same tiny timm ViT and the same data, then
 
 and finally shows that the ``mc`` estimator's relative error shrinks like ``1/√(n·K)`` over ``n`` examples
 with ``K`` samples each (root-mean-square over seeds; the last column, error · √(n·K), stays flat, and the
-log-log slope is about −0.5). It ends with a list of the checks these numbers support.
+log-log slope is about −0.5). It ends with a list of the checks these numbers support. ``--sweep`` runs
+instead :func:`sweep`: exact against the reference and the bound over token counts, threads and classes.
 
 The reference algorithm is our own re-implementation of what the authors' code does (docs/method.md §3): all
 parameters frozen, the input multiplied by a scalar that requires grad (so the graph starts at the input),
@@ -180,6 +182,54 @@ def compare(args: argparse.Namespace, num_classes: int, checks: list[tuple[str, 
               f"{medians['exact'] / seconds:>15.2f}x{errors[name]:>22.2e}")
 
 
+def sweep(args: argparse.Namespace, checks: list[tuple[str, bool]]) -> None:
+    """Exact against the reference and against the bound, per token count, thread count and class count.
+
+    The token counts ``N = (img / patch)² + 1`` of ``--sweep-tokens`` come from the image size at
+    ``--patch-size`` (17, 65, 197 at patch 8: 32, 64 and 112 px). The bound is benchmarks/fisher_bound.py's
+    (one forward and the C vector-Jacobian products, nothing squared): ``bound / exact`` is the share of the
+    exact Fisher's time that no algorithm could save.
+    """
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import fisher_bound  # benchmarks/fisher_bound.py; imported here: it imports this module
+
+    print(f"\nsweep: {args.sweep_examples} examples in batches of {args.sweep_examples}, median of {args.repeats} "
+          "round-robin runs (one warm-up each); reference / exact: target >= 1.5; bound / exact: target >= 0.7 at "
+          "C >= 50")
+    print(f"  {'tokens':>6}{'threads':>8}{'C':>5}{'reference [s]':>15}{'exact [s]':>11}{'bound [s]':>11}"
+          f"{'exact / reference':>19}{'reference / exact':>19}{'bound / exact':>15}")
+    threads = torch.get_num_threads()
+    for tokens in args.sweep_tokens:
+        side = math.isqrt(tokens - 1)
+        if side * side != tokens - 1:
+            raise SystemExit(f"--sweep-tokens: {tokens} is not a square number of patches + 1")
+        settings = argparse.Namespace(**{**vars(args), "img_size": side * args.patch_size,
+                                         "batch_size": args.sweep_examples})
+        for num_threads in args.sweep_threads:
+            torch.set_num_threads(num_threads)
+            for num_classes in args.sweep_classes:
+                model = build_model(settings, num_classes)
+                batches = make_batches(settings, args.sweep_examples, num_classes)
+                names = target_names(model)
+                modules = {n.rpartition(".")[0]: model.get_submodule(n.rpartition(".")[0]) for n in names}
+                inputs = [x for x, _ in batches]
+                splits = [fisher_bound.micro_batches(model, modules, x, num_classes) for x in inputs]
+                medians, _ = time_methods({
+                    "reference": lambda: reference_fisher(model, batches, names),
+                    "exact": lambda: diagonal_fisher(model, batches, names).sums,
+                    "bound": lambda: {"checksum": torch.tensor(fisher_bound.bound(model, modules, inputs, splits))},
+                }, args.repeats, args.device)
+                speedup, share = medians["reference"] / medians["exact"], medians["bound"] / medians["exact"]
+                print(f"  {tokens:>6}{num_threads:>8}{num_classes:>5}{medians['reference']:>15.3f}"
+                      f"{medians['exact']:>11.3f}{medians['bound']:>11.3f}{1 / speedup:>19.2f}{speedup:>18.2f}x"
+                      f"{share:>15.2f}", flush=True)
+                where = f"N = {tokens}, {num_threads} thread(s), C = {num_classes}"
+                checks.append((f"{where}: exact at least 1.5x faster than the reference", speedup >= 1.5))
+                if num_classes >= 50:
+                    checks.append((f"{where}: exact within 0.7 of the bound (bound / exact >= 0.7)", share >= 0.7))
+    torch.set_num_threads(threads)
+
+
 def mc_convergence(args: argparse.Namespace, num_classes: int) -> float:
     """RMS relative error of ``mc`` over the first n examples, for each K, against ``exact`` on the same n."""
     model = build_model(args, num_classes)
@@ -246,6 +296,12 @@ def main() -> None:
     parser.add_argument("--mc-classes", type=int, default=None,
                         help="C of the mc error table (default: the last of --classes)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--sweep", action="store_true",
+                        help="only the sweep over token counts, threads and classes (function `sweep`)")
+    parser.add_argument("--sweep-tokens", type=int, nargs="+", default=[17, 65, 197])
+    parser.add_argument("--sweep-threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--sweep-classes", type=int, nargs="+", default=[10, 50])
+    parser.add_argument("--sweep-examples", type=int, default=16)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -258,11 +314,15 @@ def main() -> None:
           f"({(args.img_size // args.patch_size) ** 2 + 1} tokens)")
     start = time.perf_counter()
     checks: list[tuple[str, bool]] = []
+    if args.sweep:
+        sweep(args, checks)
+        args.classes = []  # the sweep alone
     for num_classes in args.classes:
         compare(args, num_classes, checks)
-    slope = mc_convergence(args, args.mc_classes or args.classes[-1])
-    checks.append(("mc: relative error shrinks like 1/sqrt(n·K) (log-log slope within -0.5 ± 0.1)",
-                   abs(slope + 0.5) <= 0.1))
+    if not args.sweep:
+        slope = mc_convergence(args, args.mc_classes or args.classes[-1])
+        checks.append(("mc: relative error shrinks like 1/sqrt(n·K) (log-log slope within -0.5 ± 0.1)",
+                       abs(slope + 0.5) <= 0.1))
     print("\nchecks")
     for text, ok in checks:
         print(f"  {'yes' if ok else 'NO '}  {text}")

@@ -39,7 +39,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-from safetensors.torch import load_file  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from lightning_taylor.callbacks.protocol import resolve_classifier  # noqa: E402
@@ -65,7 +64,7 @@ def main() -> None:
         run = load_run(path)
         data, model, head = run.datamodule, run.model, run.model.head
         trained = {k: v.clone() for k, v in head.state_dict().items()}
-        pretuned = load_file(os.path.join(run.run_dir, "pretuned_head.safetensors"))
+        pretuned = run.pretuned_heads().last  # h̃ of the last boundary, over all classes
         loader = eval_loader(data, max(run.tasks) + 1)
         for backbone, composition in (("θ0 + (1/T) Σ τ", uniform(run.tasks)), ("θ0", {})):
             for head_name, state in (("trained h", trained), ("pre-tuned h̃", pretuned)):

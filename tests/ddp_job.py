@@ -46,7 +46,8 @@ def run(out: Path, devices: int, batch_size: int, curvature: str = "diagonal", k
         "head": model.head.state_dict(),
         **({"fisher": ita.accumulator.curvature(include_current=True),
             "fisher_count": ita.accumulator.past_count + ita.accumulator.current_count} if curvature == "diagonal" else
-           {"kfac": [{"sums": sums.sums, "count": sums.count} for sums in ita.accumulator.stored()]}),
+           {"kfac": [{"sums": sums.sums, "count": sums.count, "tokens": sums.tokens}
+                     for sums in ita.accumulator.stored()]}),
         "pretuned": ita.pretuned_head,
         "matrix": evaluation.matrices["class_il"].rows,
     }

@@ -179,7 +179,8 @@ def direct_sums(entry, task: int) -> KroneckerSums:
     finally:
         head.load_state_dict(trained)
     return KroneckerSums({n: sums.inputs[f"model.backbone.{n}"] for n in names},
-                         {n: sums.grads[f"model.backbone.{n}"] for n in names}, sums.count, sums.tokens)
+                         {n: sums.grads[f"model.backbone.{n}"] for n in names}, sums.count,
+                         {n: sums.tokens[f"model.backbone.{n}"] for n in names})
 
 
 @pytest.mark.parametrize("key", RUNS)
@@ -324,7 +325,7 @@ def test_two_processes_give_the_factors_of_one(tmp_path):
     for task, reference in enumerate(single["kfac"]):
         for rank in ranks:
             ours = rank["kfac"][task]
-            assert ours["count"] == reference["count"] > 0
+            assert ours["count"] == reference["count"] > 0 and ours["tokens"] == reference["tokens"]
             for name, value in reference["sums"].items():
                 assert value.abs().max() > 0
                 torch.testing.assert_close(ours["sums"][name], value, rtol=1e-4, atol=1e-5 * float(value.abs().max()))

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 
 from lightning_taylor.callbacks import IEL, ITA, ContinualEvaluation, PreTuning
 from lightning_taylor.data import TaskStreamDataModule
+from lightning_taylor.head import PRETUNED_FILE, load_pretuned_heads
 from lightning_taylor.model.module import IncrementalViT
 
 TINY = dict(img_size=16, patch_size=8, embed_dim=24, depth=2, num_heads=2, in_chans=1)
@@ -65,6 +66,7 @@ def final_state(model, callback, evaluation) -> dict:
         "params": {k: v.clone() for k, v in model.state_dict().items()},
         "fisher": callback.accumulator.curvature(include_current=True),
         "pretuned": callback.pretuned_head,
+        "pretuned_heads": {f"task{t}.{k}": v for t, head in callback.pretuned_heads.items() for k, v in head.items()},
     }
 
 
@@ -97,7 +99,7 @@ def test_resumed_run_ends_like_the_uninterrupted_one(uninterrupted, algorithm, c
     resumed, expected = final_state(model, callback, evaluation), uninterrupted[algorithm]
     assert len(resumed["matrix"]) == TASKS
     assert resumed["matrix"] == expected["matrix"]
-    for part in ("params", "fisher", "pretuned"):
+    for part in ("params", "fisher", "pretuned", "pretuned_heads"):
         assert resumed[part].keys() == expected[part].keys()
         for key, value in expected[part].items():
             torch.testing.assert_close(resumed[part][key], value, rtol=0, atol=0, msg=f"{part} {key}")
@@ -116,6 +118,28 @@ def test_checkpointed_callback_state_loads_with_weights_only(uninterrupted):
     evaluation = ContinualEvaluation()
     evaluation.load_state_dict(states["ContinualEvaluation"])
     assert evaluation.matrices["class_il"].rows == expected["matrix"]
+    assert sorted(restored.pretuned_heads) == [0, 1, 2]
+    # A checkpoint of an earlier version kept the current boundary's head only.
+    older = ITA()
+    older.load_state_dict({k: v for k, v in states["ITA"].items() if k != "pretuned_heads"})
+    assert list(older.pretuned_heads) == [TASKS - 1] and older.pretuned_heads[TASKS - 1] is older.pretuned_head
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_every_boundarys_pretuned_head_is_saved(uninterrupted, algorithm):
+    """``pretuned_head.safetensors`` holds h̃_t of every task t, not only the last boundary's."""
+    entry = uninterrupted[algorithm]
+    saved, callback = load_pretuned_heads(entry["root"] / PRETUNED_FILE), entry["callback"]
+    assert sorted(saved.by_task) == list(range(TASKS))
+    for task in range(TASKS):
+        for name, value in callback.pretuned_heads[task].items():
+            assert torch.equal(saved.head(task)[name], value), (task, name)
+        seen = 2 * (task + 1)
+        # rows of classes not seen yet are still the initial head's; the task's new rows were pre-tuned
+        assert torch.equal(saved.head(task)["weight"][seen:], saved.head(0)["weight"][seen:])
+        if task:
+            assert not torch.equal(saved.head(task)["weight"][seen - 2:seen], saved.head(0)["weight"][seen - 2:seen])
+    assert all(torch.equal(saved.last[k], callback.pretuned_head[k]) for k in ("weight", "bias"))
 
 
 def assert_equal(a, b) -> None:

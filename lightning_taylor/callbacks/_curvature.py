@@ -16,6 +16,7 @@ follow-up (``curvature: kfac``).
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import lightning as L
@@ -78,7 +79,7 @@ class CurvatureStrategy:
         self._prepared = None
 
 
-def _strip(sums: dict[str, Tensor]) -> dict[str, Tensor]:
+def _strip(sums: dict[str, Any]) -> dict[str, Any]:
     return {name[len(BACKBONE_PREFIX):]: value for name, value in sums.items()}
 
 
@@ -145,7 +146,7 @@ class KFACCurvature(CurvatureStrategy):
         sums = kronecker_sums(data.classifier, data.batches, [f"{BACKBONE_PREFIX}{name}" for name in deltas.names],
                               settings.estimator, settings.kfac_approx, settings.samples, data.generator)
         sums.all_reduce()  # every rank reaches this collective; sums and counts, divided later
-        sums.inputs, sums.grads = _strip(sums.inputs), _strip(sums.grads)
+        sums.inputs, sums.grads, sums.tokens = _strip(sums.inputs), _strip(sums.grads), _strip(sums.tokens)
         show(trainer, f"{prefix} KFAC ({sums.approx}, {sums.estimator}) over {sums.count} examples")
         return sums
 
@@ -170,7 +171,8 @@ class KFACCurvature(CurvatureStrategy):
     def artifact(self) -> tuple[str, dict[str, Tensor], dict[str, str]]:
         """``kfac.safetensors``: the per-example means ``<layer>.A`` (Ā, in × in) and ``<layer>.G`` (Ḡ, out × out)
         of the pooled tasks (``merged``), or ``<layer>.A.task<t>`` / ``<layer>.G.task<t>`` per task (``per_task``:
-        the curvature is ``Σ_t (n_t / N) Ā_t ⊗ Ḡ_t`` with the counts ``n_t`` of the metadata); no prior."""
+        the curvature is ``Σ_t (n_t / N) Ā_t ⊗ Ḡ_t`` with the counts ``n_t`` of the metadata); no prior; the token
+        count of every layer as JSON (:mod:`lightning_taylor.curvature.kfac_file`, read by ``load_kfac``)."""
         accumulator, settings = self.accumulator, self.settings
         stored = accumulator.stored()
         tasks = [str(r["task"]) for r in accumulator.records]
@@ -184,7 +186,7 @@ class KFACCurvature(CurvatureStrategy):
             "approximation": settings.kfac_approx, "tasks_combined": settings.kfac_tasks,
             "prior": str(settings.prior), "estimators": ",".join(r["estimator"] for r in accumulator.records),
             "tasks": ",".join(tasks), "counts": ",".join(str(r["count"]) for r in accumulator.records),
-            "examples": str(accumulator.count), "tokens": str(stored[0].tokens), **settings.estimator_record()}
+            "examples": str(accumulator.count), "tokens": json.dumps(stored[0].tokens), **settings.estimator_record()}
 
 
 def curvature_strategy(settings: CurvatureSettings) -> CurvatureStrategy:

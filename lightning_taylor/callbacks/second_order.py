@@ -87,7 +87,7 @@ from lightning_taylor.curvature import Estimator, KFACApprox, KFACTasks
 from lightning_taylor.deltas import DeltaStyle, TaskDeltas, uniform
 from lightning_taylor.errors import expected
 from lightning_taylor.finite import check_finite, flatten_tensors
-from lightning_taylor.head import ClassMixtures, PreTuning
+from lightning_taylor.head import ClassMixtures, PreTuning, pretuned_tensors
 from lightning_taylor.penalties import Algorithm, decoupled_step, head_penalty
 from lightning_taylor.precision import full_precision
 from lightning_taylor.seeding import run_seed
@@ -142,7 +142,7 @@ class SecondOrder(L.Callback):
         head_fisher_samples: synthetic features per class for the head's Fisher.
         seed: seeds the slot initialisation, pre-tuning and synthetic features (identical on every rank);
             ``None`` follows ``seed_everything`` (the ``PL_GLOBAL_SEED`` environment variable, else 0).
-        save_dir: where deltas, Fisher and pre-tuned head are saved at the end of ``fit``; ``None`` = the
+        save_dir: where deltas, Fisher and pre-tuned heads are saved at the end of ``fit``; ``None`` = the
             logger's directory.
         backbone: attribute path of the ViT in the LightningModule; ``None``: ``backbone``, else the only
             timm-like child (see :mod:`~lightning_taylor.callbacks.protocol`).
@@ -224,7 +224,8 @@ class SecondOrder(L.Callback):
         self.curvature_strategy: CurvatureStrategy = curvature_strategy(self.curvature_settings)
         self.mixtures: ClassMixtures | None = None
         self.composed_mixtures: ClassMixtures | None = None  # head_alignment: mixtures of composed features
-        self.pretuned_head: dict[str, Tensor] = {}
+        self.pretuned_head: dict[str, Tensor] = {}  # h̃ of the current task (the head penalty's target)
+        self.pretuned_heads: dict[int, dict[str, Tensor]] = {}  # h̃_t of every boundary so far, saved at the end
         self.head_curvature: dict[str, Tensor] = {}
 
     # -- the settings most often read back ----------------------------------------------------------
@@ -347,6 +348,7 @@ class SecondOrder(L.Callback):
         self.pretuned_head, self.mixtures = _boundary.pretune(
             trainer, model, deltas, loader, pl_module.device, self.pretuned_head, self.mixtures, classes, task,
             self.pretuning, self.seed, label)
+        self.pretuned_heads[task] = self.pretuned_head
         if self.head_settings.init == "pretuned":
             self._start_from_pretuned(model.head, classes)
         with _boundary.curvature_pass(trainer, pl_module, model, deltas, self.pretuned_head, classes.stop, loader,
@@ -453,9 +455,10 @@ class SecondOrder(L.Callback):
             curvature = self.curvature_strategy.artifact() if self.regularised else None
             meta = {"algorithm": self.algorithm, "strength": str(self.strength),
                     "penalty_mode": self.penalty_settings.mode}
-            save_artifacts(directory, deltas, meta, curvature, self.pretuned_head)
-            show(trainer, f"{self.label} deltas, {curvature[0] + ' and ' if curvature else ''}pre-tuned head saved "
-                          f"in {directory}")
+            save_artifacts(directory, deltas, meta, curvature, *pretuned_tensors(self.pretuned_heads))
+            saved = ", ".join(["deltas", *([curvature[0]] if curvature else []),
+                               *(["pre-tuned heads"] if self.pretuned_heads else [])])
+            show(trainer, f"{self.label} {saved} saved in {directory}")
 
     # -- checkpointing --------------------------------------------------------------------------------
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
@@ -480,6 +483,7 @@ class SecondOrder(L.Callback):
             "mixtures": None if self.mixtures is None else self.mixtures.state_dict(),
             "composed_mixtures": None if self.composed_mixtures is None else self.composed_mixtures.state_dict(),
             "pretuned_head": self.pretuned_head,
+            "pretuned_heads": self.pretuned_heads,
             "head_curvature": self.head_curvature,
             "pretuning": asdict(self.pretuning),
         }
@@ -495,6 +499,9 @@ class SecondOrder(L.Callback):
         composed = state_dict.get("composed_mixtures")  # absent from checkpoints of earlier versions
         self.composed_mixtures = None if composed is None else ClassMixtures.from_state_dict(composed)
         self.pretuned_head = state_dict["pretuned_head"]
+        # Checkpoints of earlier versions kept the current boundary's head only: h̃_task, when one was pre-tuned.
+        self.pretuned_heads = state_dict.get("pretuned_heads", {self.task: self.pretuned_head}
+                                             if self.regularised and self.task >= 0 else {})
         self.head_curvature = state_dict["head_curvature"]
 
 

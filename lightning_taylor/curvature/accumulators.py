@@ -15,11 +15,12 @@ counts (the reference's ITA normaliser counts task 0 twice; we do not).
     exact sum:  F̄ = Σ_{s∈S} (n_s / N) Ā_s ⊗ Ḡ_s                      (``tasks="per_task"``: T pairs kept)
     merged:     F̄ ≈ (Σ_s A_s / (N·k)) ⊗ (Σ_s G_s / N)                 (``tasks="merged"``: one pair kept)
 
-``k`` the token scale of :class:`KroneckerSums`. ``merged`` is KFAC of the pooled examples, i.e. the
-example-weighted mean of the ``Ā_s`` times the summed ``G_s`` (of the summed loss) per example: TAK's choice,
-constant memory; it equals the exact sum when the tasks share one ``Ā`` or one ``Ḡ``. ``per_task`` keeps
-one pair per task and costs one Kronecker product per task in every penalty step. The prior ``ε`` is not
-part of the factors: the penalties add ``ε ‖τ‖²`` (:mod:`lightning_taylor.penalties.kfac`).
+``k`` the token scale of :class:`KroneckerSums`, per layer (that layer's ``T`` with ``expand``, 1 with
+``reduce``; the tasks must agree on it). ``merged`` is KFAC of the pooled examples, i.e. the example-weighted
+mean of the ``Ā_s`` times the summed ``G_s`` (of the summed loss) per example: TAK's choice, constant memory;
+it equals the exact sum when the tasks share one ``Ā`` or one ``Ḡ``. ``per_task`` keeps one pair per task and
+costs one Kronecker product per task in every penalty step. The prior ``ε`` is not part of the factors: the
+penalties add ``ε ‖τ‖²`` (:mod:`lightning_taylor.penalties.kfac`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class KroneckerAccumulator(nn.Module):
         if task <= self.current_task:
             raise expected("task", f"an index after the last recorded task {self.current_task}", task)
         if self.current is not None:
+            _check_compatible(self.current, sums)  # also for per_task: the saved file has one count per layer
             if self.tasks == "merged" and self.terms:
                 self.terms = [_pooled([self.terms[0], self.current])]
             else:
@@ -115,19 +117,28 @@ class KroneckerAccumulator(nn.Module):
 def _detached(sums: KroneckerSums) -> KroneckerSums:
     return KroneckerSums({k: v.detach().clone() for k, v in sums.inputs.items()},
                          {k: v.detach().clone() for k, v in sums.grads.items()},
-                         sums.count, sums.tokens, sums.estimator, sums.approx)
+                         sums.count, dict(sums.tokens), sums.estimator, sums.approx)
+
+
+def _check_compatible(first: KroneckerSums, part: KroneckerSums) -> None:
+    """One approximation and one token count per layer over the tasks (the tasks' images have one size)."""
+    if part.approx != first.approx:
+        raise expected("kfac_approx", f"one approximation over the tasks ({first.approx})", part.approx)
+    differ = [n for n in first.tokens if part.tokens.get(n) != first.tokens[n]]
+    if differ:
+        name = differ[0]
+        raise expected("tokens", f"one token count of `{name}` over the tasks ({first.tokens[name]})",
+                       part.tokens.get(name), "The tasks' images must have one size.")
 
 
 def _pooled(parts: list[KroneckerSums]) -> KroneckerSums:
     """The sums and counts of ``parts`` added (KFAC of their pooled examples)."""
     first = parts[0]
     for part in parts[1:]:
-        if (part.tokens, part.approx) != (first.tokens, first.approx):
-            raise expected("kfac_approx", f"one approximation and token count over the tasks "
-                           f"({first.approx}, {first.tokens} tokens)", (part.approx, part.tokens))
+        _check_compatible(first, part)
     return KroneckerSums({k: sum(p.inputs[k] for p in parts) for k in first.inputs},
                          {k: sum(p.grads[k] for p in parts) for k in first.grads},
-                         sum(p.count for p in parts), first.tokens, first.estimator, first.approx)
+                         sum(p.count for p in parts), dict(first.tokens), first.estimator, first.approx)
 
 
 class FisherAccumulator(nn.Module):

@@ -5,6 +5,7 @@ A run directory, as ``lightning-taylor fit`` leaves it::
     <run>/config.yaml               the resolved configuration (LightningCLI), optional
     <run>/checkpoints/last.ckpt     backbone θ0, head, banked deltas, hyper-parameters of module and data
     <run>/deltas.safetensors        the banked deltas with the method's name and strength, optional
+    <run>/pretuned_head.safetensors every boundary's pre-tuned head (:meth:`Run.pretuned_heads`), optional
 
 :func:`load_run` takes the directory (its ``checkpoints/last.ckpt``, else the newest ``.ckpt`` there) or a
 checkpoint file, and returns a :class:`Run` whose model is in eval mode, composed uniformly over its tasks
@@ -45,6 +46,7 @@ from lightning_taylor.deltas.composition import uniform
 from lightning_taylor.deltas.io import check_model_spec, read_metadata
 from lightning_taylor.errors import InputError, expected
 from lightning_taylor.finite import first_non_finite
+from lightning_taylor.head.pretuned_file import PRETUNED_FILE, PretunedHeads, load_pretuned_heads
 from lightning_taylor.model.backbone import resolve_model
 from lightning_taylor.model.module import IncrementalViT
 
@@ -97,6 +99,10 @@ class Run:
     def task_ranges(self) -> tuple[range, ...]:
         """The head rows of each task: the stream's class partition."""
         return self.model.task_ranges
+
+    def pretuned_heads(self) -> PretunedHeads:
+        """The run's ``pretuned_head.safetensors`` (every boundary's ``h̃_t``; one head in older runs)."""
+        return load_pretuned_heads(self.run_dir / PRETUNED_FILE)
 
     @property
     def label(self) -> str:
