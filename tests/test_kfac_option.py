@@ -314,7 +314,7 @@ def test_print_config_lists_the_options(config, curvature, capsys):
         assert line in out
     parsed = cli(["--config", f"configs/digits/{config}"], run=False)
     (method,) = [c for c in parsed.trainer.callbacks if isinstance(c, SecondOrder)]
-    assert method.curvature_type == curvature
+    assert method.curvature_settings.kind == curvature
 
 
 def test_two_processes_give_the_factors_of_one(tmp_path):
