@@ -63,8 +63,7 @@ class FaultTolerance(L.Callback):
         self._saved, self._deferred = None, False
         if stage != "fit" or not self.check_folders or not trainer.is_global_zero:
             return
-        for folder, what in output_folders(trainer):
-            ensure_writable(folder, what)
+        check_output_folders(trainer)
 
     # -- the signal -------------------------------------------------------------------------------------
     def _signalled(self, trainer: L.Trainer) -> bool:
@@ -145,7 +144,7 @@ def _checkpoint_folder(trainer: L.Trainer) -> str:
 
 def _epoch_completed(trainer: L.Trainer) -> bool:
     progress = trainer.fit_loop.epoch_progress.current
-    return progress.completed == progress.processed
+    return progress.completed == progress.ready  # `ready` counts the epochs begun
 
 
 def _epoch_end_checkpoint(trainer: L.Trainer) -> str | None:
@@ -172,6 +171,12 @@ def save_preemption_checkpoint(trainer: L.Trainer) -> str:
     return path
 
 
+def check_output_folders(trainer: L.Trainer) -> None:
+    """Create and probe every folder of :func:`output_folders`; the first that fails is a ``WriteError``."""
+    for folder, what in output_folders(trainer):
+        ensure_writable(folder, what)
+
+
 def output_folders(trainer: L.Trainer) -> list[tuple[str, str]]:
     """The folders a fit writes into, with what each is for (set ones only)."""
     folders = [(trainer.default_root_dir, "the trainer's default_root_dir")]
@@ -193,4 +198,4 @@ def output_folders(trainer: L.Trainer) -> list[tuple[str, str]]:
     return unique
 
 
-__all__ = ["PREEMPTED", "SIGTERM_EXIT", "FaultTolerance", "output_folders", "save_preemption_checkpoint"]
+__all__ = ["PREEMPTED", "SIGTERM_EXIT", "FaultTolerance", "check_output_folders", "output_folders", "save_preemption_checkpoint"]

@@ -25,7 +25,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import lightning_taylor.callbacks  # noqa: F401 (short class names: `--trainer.callbacks+=ITA`)
 from lightning_taylor._checks import check_positive_int
-from lightning_taylor.callbacks.fault_tolerance import FaultTolerance
+from lightning_taylor.callbacks.fault_tolerance import (
+    FaultTolerance,
+    check_output_folders,
+)
 from lightning_taylor.cli.threads import auto_threads, available_cores, current_load
 from lightning_taylor.data import TaskStreamDataModule
 from lightning_taylor.data.split import uniform_size
@@ -167,6 +170,8 @@ class TaylorCLI(LightningCLI):
                 f"{data.max_epochs} (or unset)", configured)
         trainer.fit_loop.max_epochs = data.max_epochs
         trainer.check_val_every_n_epoch = data.epochs_per_task
+        if trainer.is_global_zero:  # before Lightning's setup opens the logger's folder: a bad path fails here
+            check_output_folders(trainer)
 
 
 def _uniform_task_size(data: TaskStreamDataModule) -> int | None:

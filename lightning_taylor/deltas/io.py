@@ -198,7 +198,7 @@ def export_merged(
         **dict(metadata or {}),
     }
     save_tensors(path, state, meta, "the merged model",
-                 f"Nothing was written to {path}" + (" (the file there is as it was)." if os.path.exists(path) else "."))
+                 "Nothing was written" + (" (the file there is as it was)." if os.path.exists(path) else "."))
 
 
 def load_merged(path: str | os.PathLike, **overrides: Any) -> nn.Module:

@@ -241,14 +241,10 @@ def export(run: Run, path: str | os.PathLike, composition: Composition | Mapping
     path = Path(path)
     head = run.model.head
     bias = [f"{name}.bias" for name, module in run.model.backbone.named_modules() if module is head]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _masked_head(head, masked):
-            export_merged(run.model.backbone, run.deltas, path, composition, run.model_name, run.model_kwargs, meta,
-                          neg_inf_ok=bias if masked else ())
-    except OSError as err:
-        raise expected("export path", "a file path that can be written", os.fspath(path),
-                       f"{type(err).__name__}: {err.strerror or err}.") from err
+    # export_merged writes whole or not at all and reports a failed write as a WriteError (path, reason).
+    with _masked_head(head, masked):
+        export_merged(run.model.backbone, run.deltas, path, composition, run.model_name, run.model_kwargs, meta,
+                      neg_inf_ok=bias if masked else ())
     return path
 
 
