@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from lightning_taylor.cli import main
-from lightning_taylor.cli.fit import cli
+from lightning_taylor.cli.fit import cli, with_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -88,10 +88,11 @@ def test_sigterm_checkpoints_exits_143_and_the_resume_equals_an_uninterrupted_ru
     assert os.path.realpath(run / "checkpoints" / "last.ckpt") == str((run / "checkpoints" / "preempted.ckpt"))
     assert not partial_files(interrupted) and not (run / "deltas.safetensors").exists()
 
-    cli(["fit", "--ckpt_path", str(run)])  # in this process: the run's config.yaml, its run directory
     reference.mkdir()
-    os.chdir(reference)
     try:
+        os.chdir(interrupted)  # in this process: the run's config.yaml (its relative folders), its run directory
+        cli(with_run_config(["fit", "--ckpt_path", str(run)]))
+        os.chdir(reference)
         cli(["fit", *SHORT])
     finally:
         os.chdir(ROOT)
