@@ -46,6 +46,8 @@ Intact = str | Callable[[], str]
 def write_error(err: OSError, path: str | os.PathLike, what: str, intact: Intact = "") -> WriteError:
     """``err`` as the project's short error: ``Could not write <what> to <path>: <reason> (ENOSPC). <intact>``."""
     code = err.errno
+    if code == errnos.EEXIST and err.filename is not None and not os.path.isdir(err.filename):
+        code = errnos.ENOTDIR  # os.makedirs met a file where a folder of the path should be
     reason = _REASONS.get(code, err.strerror or str(err))
     name = f" ({errnos.errorcode[code]})" if code in errnos.errorcode else ""
     where = err.filename if err.filename not in (None, os.fspath(path)) and code == errnos.ENOTDIR else None
