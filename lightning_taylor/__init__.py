@@ -11,7 +11,10 @@ The public API, by what it is for (docs/architecture.md shows which folder owns 
 - **curvature**: :func:`diagonal_fisher`, :func:`kronecker_sums` and their sums;
 - **finished runs**: :func:`load_run`, :func:`evaluate`, :class:`Edit`, :func:`apply_edit`, :func:`export`;
 - **metrics and logging**: :class:`ContinualAccuracy`, :class:`AccuracyMatrix`, :class:`ResumableCSVLogger`;
-- **errors**: :class:`InputError` (a bad argument, file or setting), :class:`NonFiniteError`.
+- **faults**: :class:`FaultTolerance` (SIGTERM: checkpoint and exit 143; folders checked before training),
+  :class:`AtomicCheckpointIO` (checkpoints whole or absent), docs/faults.md;
+- **errors**: :class:`InputError` (a bad argument, file or setting), :class:`NonFiniteError`, :class:`WriteError`
+  (a file that could not be written).
 """
 
 from lightning_taylor import _moved
@@ -19,11 +22,13 @@ from lightning_taylor.callbacks import (
     IEL,
     ITA,
     ContinualEvaluation,
+    FaultTolerance,
     LinearProbe,
     PreTuning,
     SecondOrder,
     SequentialFineTuning,
 )
+from lightning_taylor.checkpoint_io import AtomicCheckpointIO
 from lightning_taylor.curvature import (
     FisherSums,
     KroneckerSums,
@@ -42,7 +47,7 @@ from lightning_taylor.deltas import (
     uniform,
     unlearn,
 )
-from lightning_taylor.errors import InputError, NonFiniteError
+from lightning_taylor.errors import InputError, NonFiniteError, WriteError
 from lightning_taylor.loggers import ResumableCSVLogger
 from lightning_taylor.metrics import AccuracyMatrix, ContinualAccuracy
 from lightning_taylor.model import IncrementalViT
@@ -55,6 +60,8 @@ _moved.install()
 __all__ = [
     # the method
     "IEL", "ITA", "SecondOrder", "LinearProbe", "SequentialFineTuning", "ContinualEvaluation", "PreTuning",
+    # faults: pre-emption, checkpoints whole or absent
+    "FaultTolerance", "AtomicCheckpointIO",
     # model and data
     "IncrementalViT", "TaskStreamDataModule",
     # deltas
@@ -67,5 +74,5 @@ __all__ = [
     # metrics and logging
     "ContinualAccuracy", "AccuracyMatrix", "ResumableCSVLogger",
     # errors
-    "InputError", "NonFiniteError",
+    "InputError", "NonFiniteError", "WriteError",
 ]

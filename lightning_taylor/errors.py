@@ -4,8 +4,11 @@
   <value>." plus a hint (:func:`expected`). The ``lightning-taylor`` command prints one line and exits 2.
 - :class:`NonFiniteError`: a loss, gradient, delta, curvature or loaded tensor holds NaN or ±inf
   (:mod:`lightning_taylor.finite` finds and names it). The command prints one line and exits 1.
+- :class:`WriteError`: a file could not be written (disk full, file too large, permission, read-only, a file
+  where a folder should be); the message names the path, what was being written and what is intact
+  (:mod:`lightning_taylor._atomic`). The command prints it briefly and exits 1.
 
-Both keep their standard bases (``ValueError``, ``FloatingPointError``), so code that catches those still works.
+They keep their standard bases (``ValueError``, ``FloatingPointError``, ``OSError``), so code that catches those still works.
 """
 
 from __future__ import annotations
@@ -19,6 +22,17 @@ class InputError(ValueError):
 
 class NonFiniteError(FloatingPointError):
     """A loss, gradient, delta, curvature or loaded tensor holds NaN or ±inf; the message names it and where."""
+
+
+class WriteError(OSError):
+    """A file could not be written; ``errno`` is the operating system's, the message says what is intact."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+    def __str__(self) -> str:
+        return str(self.args[0])
 
 
 def expected(name: str, what: str, got: Any, hint: str = "") -> InputError:

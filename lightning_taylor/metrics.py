@@ -15,6 +15,7 @@ Accuracies are fractions in ``[0, 1]`` everywhere; only the text table and the h
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
 from typing import Any, Sequence
@@ -23,6 +24,7 @@ import torch
 from torch import Tensor
 from torchmetrics import Metric
 
+from lightning_taylor._atomic import write_bytes, write_text
 from lightning_taylor._checks import check_non_negative_int, check_positive_int
 from lightning_taylor.errors import expected
 
@@ -215,12 +217,13 @@ class AccuracyMatrix:
         Cells with ``j > t`` are empty; NaN is written as ``nan``.
         """
         size = len(self._rows)
-        with open(path, "w", newline="") as handle:
-            writer = csv.writer(handle)
-            writer.writerow(["after_task", *(f"task_{j}" for j in range(size)), "average_accuracy", "forgetting"])
-            for t, row in enumerate(self._rows):
-                cells = [repr(v) for v in row] + [""] * (size - t - 1)
-                writer.writerow([t, *cells, repr(self.average_accuracy(t)), repr(self.forgetting(t))])
+        text = io.StringIO(newline="")
+        writer = csv.writer(text)
+        writer.writerow(["after_task", *(f"task_{j}" for j in range(size)), "average_accuracy", "forgetting"])
+        for t, row in enumerate(self._rows):
+            cells = [repr(v) for v in row] + [""] * (size - t - 1)
+            writer.writerow([t, *cells, repr(self.average_accuracy(t)), repr(self.forgetting(t))])
+        write_text(path, text.getvalue(), f"the {self.name} accuracy matrix")  # whole or not at all
 
     def format_table(self) -> str:
         """A fixed-width text table of ``R`` in percent, with average accuracy and forgetting columns."""
@@ -264,7 +267,9 @@ class AccuracyMatrix:
 
     def to_png(self, path: str | os.PathLike, title: str | None = None) -> None:
         """Save :meth:`figure` as a PNG."""
-        self.figure(title).savefig(path, dpi=100)
+        image = io.BytesIO()
+        self.figure(title).savefig(image, dpi=100, format="png")
+        write_bytes(path, image.getvalue(), f"the {self.name} accuracy plot")  # whole or not at all
 
     def table(self) -> tuple[list[str], list[list[float | None]]]:
         """``(columns, rows)`` of ``R`` in percent for loggers' tables (``None`` above the diagonal)."""

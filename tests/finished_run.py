@@ -11,6 +11,7 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from lightning_taylor._atomic import commit_files
 from lightning_taylor.callbacks import ITA, PreTuning
 from lightning_taylor.data import TaskStreamDataModule
 from lightning_taylor.deltas import save_deltas
@@ -51,6 +52,8 @@ def make_run(root: Path) -> Path:
         deltas.bank()  # task 2 lives in the slot (as in a checkpoint saved during fit) and in the bank
         trainer.save_checkpoint(root / "checkpoints" / "last.ckpt")
         save_deltas(deltas, root / "deltas.safetensors", metadata={"algorithm": "ita", "strength": "1.0"})
+        # The manifest lists the files as they are now (fit's lists the deltas before they were randomised).
+        commit_files(root, [(p.name, p.read_bytes(), p.name) for p in sorted(root.glob("*.safetensors"))])
     finally:
         torch.set_num_threads(threads)
     return root

@@ -20,7 +20,7 @@ from foreign_project.cli import SyntheticStream, TaskClassifier, main
 from lightning.pytorch.callbacks import ModelCheckpoint, ModelSummary
 from safetensors.torch import load_file
 
-from lightning_taylor.callbacks import IEL, ITA, ContinualEvaluation
+from lightning_taylor.callbacks import IEL, ITA, ContinualEvaluation, FaultTolerance
 
 REPO = Path(__file__).parents[1]
 CALLBACKS = REPO / "callbacks"
@@ -35,6 +35,7 @@ EQUIVALENTS = {
     "iel.yaml": lambda: [IEL(beta=20.0, lambda_fisher=0.1, lambda_l2=0.001, style="lora", rank=16)],
     "continual_evaluation.yaml": lambda: [ContinualEvaluation()],
     "checkpoint.yaml": lambda: [ModelCheckpoint(save_last="link", save_on_train_epoch_end=True)],
+    "fault_tolerance.yaml": lambda: [FaultTolerance(check_folders=True)],
     "ita_eval_checkpoint.yaml": lambda: [ITA(**ITA_ARGS), ContinualEvaluation(),
                                          ModelCheckpoint(save_last="link", save_on_train_epoch_end=True)],
 }

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 from lightning_taylor.cli.edit import main
 from lightning_taylor.deltas import TaskDeltas, export_merged, load_merged
 from lightning_taylor.deltas.composition import Composition, reweight, uniform
+from lightning_taylor.errors import WriteError
 from lightning_taylor.runs import export, load_run
 from lightning_taylor.runs.evaluate import evaluate
 
@@ -190,7 +191,7 @@ def test_a_failed_export_keeps_the_accuracies_and_says_so(run_copy, tmp_path):
     blocker.write_text("not a folder")
     out = tmp_path / "out"
     before = files_under(tmp_path) | files_under(run_copy)
-    with pytest.raises(ValueError, match=r"`export path`.*a_file.*Nothing was exported; the accuracies are saved"):
+    with pytest.raises(WriteError, match=r"merged model to .*a_file.*\(ENOTDIR\).*The accuracies are saved"):
         main([str(run_copy), "--drop", "1", "--output-dir", str(out), "--export", str(blocker / "m.safetensors")])
     written = (files_under(tmp_path) | files_under(run_copy)) - before
     assert written == {out / "edit_accuracy.csv", out / "edit.json"}

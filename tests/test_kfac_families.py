@@ -17,7 +17,12 @@ from conftest import make_vit
 from safetensors.torch import save_file
 from torch import nn
 
-from lightning_taylor.curvature import KroneckerAccumulator, KroneckerSums, kronecker_sums, load_kfac
+from lightning_taylor.curvature import (
+    KroneckerAccumulator,
+    KroneckerSums,
+    kronecker_sums,
+    load_kfac,
+)
 from lightning_taylor.deltas import TaskDeltas
 from lightning_taylor.errors import InputError
 

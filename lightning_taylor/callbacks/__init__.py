@@ -2,7 +2,8 @@
 
 from lightning_taylor.callbacks.baselines import LinearProbe, SequentialFineTuning
 from lightning_taylor.callbacks.continual_evaluation import ContinualEvaluation
+from lightning_taylor.callbacks.fault_tolerance import FaultTolerance
 from lightning_taylor.callbacks.second_order import IEL, ITA, SecondOrder
 from lightning_taylor.head.pretuning import PreTuning
 
-__all__ = ["ContinualEvaluation", "IEL", "ITA", "LinearProbe", "PreTuning", "SecondOrder", "SequentialFineTuning"]
+__all__ = ["ContinualEvaluation", "FaultTolerance", "IEL", "ITA", "LinearProbe", "PreTuning", "SecondOrder", "SequentialFineTuning"]

@@ -152,8 +152,8 @@ class ContinualEvaluation(L.Callback):
         directory = self.output_dir or trainer.log_dir or trainer.default_root_dir
         if not trainer.is_global_zero or not self.matrices["class_il"].rows:
             return
-        os.makedirs(directory, exist_ok=True)
-        for name in SETTINGS:
+        for name in SETTINGS:  # each file whole or absent; the folder is created by the first
+
             matrix = self.matrices[name]
             matrix.to_csv(os.path.join(directory, f"accuracy_{name}.csv"))
             matrix.to_png(os.path.join(directory, f"accuracy_{name}.png"), title=f"{name.replace('_', '-')} accuracy")

@@ -299,6 +299,12 @@ class SecondOrder(L.Callback):
         """The composition evaluated: uniform over every task seen (``None`` before any task)."""
         return dict(uniform(deltas.tasks).weights) if deltas.tasks else None
 
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Resumed mid-epoch (a pre-emption checkpoint), Lightning continues the epoch without calling
+        # `on_train_epoch_start`: the epoch's composition must still be set (the task's begin is in the state).
+        if trainer.fit_loop.restarted_mid_epoch:
+            self.on_train_epoch_start(trainer, pl_module)
+
     def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         task = current_task(trainer, pl_module, self.epochs_per_task)
         if task != self.task:

@@ -21,10 +21,11 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Sequence
 
-from lightning_taylor.errors import expected
+from lightning_taylor.errors import WriteError, expected
 from lightning_taylor.runs.edit import Edit, EditResult, apply_edit, export
 from lightning_taylor.runs.load import find_checkpoint, load_run, run_directory
 
@@ -125,6 +126,9 @@ def main(args: Sequence[str] | None = None) -> EditResult:
     overrides = {"eval_batch_size": cfg.eval_batch_size} if cfg.eval_batch_size is not None else {}
     run = load_run(checkpoint, deltas=cfg.deltas, device=cfg.device, data_overrides=overrides,
                    data_root=cfg.data_root)
+    if run.incomplete is not None:  # loadable, but the user should know what they are editing
+        print(f"lightning-taylor edit: note: the run {run.run_dir} is incomplete: {run.incomplete}; editing "  # noqa: T201
+              f"{run.checkpoint} (tasks {run.tasks}).", file=sys.stderr)
     result = apply_edit(run, edit)
     extra = {"checkpoint": os.fspath(run.checkpoint), "run": run.info,
              **({"deltas": os.fspath(run.deltas_file)} if run.deltas_file is not None else {})}
@@ -136,6 +140,8 @@ def main(args: Sequence[str] | None = None) -> EditResult:
             export(run, cfg.export, result.composition, result.masked_classes, {"edit": json.dumps(edit.to_dict())})
         except ValueError as err:  # InputError included: keep its type, add what was kept
             raise type(err)(f"{err} Nothing was exported; the accuracies are saved in {output}.") from err
+        except WriteError as err:  # a full disk, no permission: the same, with the OS's reason
+            raise WriteError(f"{err} The accuracies are saved in {output}.", err.errno) from err
         result.save(output, {**extra, "export": os.fspath(cfg.export)})  # edit.json records the export
         print(f"Merged model written to {cfg.export}")  # noqa: T201
     return result

@@ -30,6 +30,10 @@ from lightning.pytorch.utilities import rank_zero_info
 
 import lightning_taylor.callbacks  # noqa: F401 (short class names: `--trainer.callbacks+=ITA`)
 from lightning_taylor._checks import check_positive_int
+from lightning_taylor.callbacks.fault_tolerance import (
+    FaultTolerance,
+    check_output_folders,
+)
 from lightning_taylor.cli.overrides import (
     callbacks_argument,
     split_method_options,
@@ -42,7 +46,7 @@ from lightning_taylor.data import TaskStreamDataModule
 from lightning_taylor.data.split import uniform_size
 from lightning_taylor.errors import expected
 from lightning_taylor.model.module import IncrementalViT
-from lightning_taylor.runs.load import find_checkpoint, run_directory
+from lightning_taylor.runs.load import artifacts_problem, find_checkpoint, run_directory
 
 #: The offline demo: the trainer's defaults, and the settings that ``fit`` without ``--config`` runs
 #: (``configs/mnist/ita_aligned.yaml`` spells out the same run).
@@ -55,6 +59,8 @@ DEMO_TRAINER: dict[str, Any] = {
     "default_root_dir": DEMO_DIR,
     "logger": {"class_path": "lightning_taylor.loggers.ResumableCSVLogger",
                "init_args": {"save_dir": DEMO_DIR, "name": ""}},
+    # Checkpoints whole or absent (docs/faults.md); a config that sets trainer.plugins replaces it.
+    "plugins": [{"class_path": "lightning_taylor.checkpoint_io.AtomicCheckpointIO"}],
 }
 #: The demo's callbacks.
 DEMO_CALLBACKS: list[dict[str, Any]] = [
@@ -150,10 +156,21 @@ class TaylorCLI(LightningCLI):
         if config.get("ckpt_path"):
             config.ckpt_path = os.fspath(find_checkpoint(config.ckpt_path, "ckpt_path"))
             _log_into_run(config, self.subcommand)
+            if self.subcommand == "fit":
+                _say_resuming(Path(config.ckpt_path))
         self.save_config_kwargs = {**self.save_config_kwargs,
                                    "resuming": self.subcommand == "fit" and bool(config.get("ckpt_path"))}
         if self.subcommand in ("validate", "test"):
             _without_checkpointing(config)
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        # Every fit stops cleanly at SIGTERM and checks its folders first (docs/faults.md), unless the config
+        # has its own FaultTolerance. Added before LightningCLI's config saver, so a bad folder fails first.
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if not any(isinstance(c, FaultTolerance) for c in [*given, *callbacks]):
+            callbacks = [*callbacks, FaultTolerance()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def instantiate_classes(self) -> None:
         super().instantiate_classes()
@@ -183,6 +200,8 @@ class TaylorCLI(LightningCLI):
                 f"{data.max_epochs} (or unset)", configured)
         trainer.fit_loop.max_epochs = data.max_epochs
         trainer.check_val_every_n_epoch = data.epochs_per_task
+        if trainer.is_global_zero:  # before Lightning's setup opens the logger's folder: a bad path fails here
+            check_output_folders(trainer)
 
 
 def _uniform_task_size(data: TaskStreamDataModule) -> int | None:
@@ -208,6 +227,14 @@ def _log_into_run(config: Namespace, subcommand: str) -> None:
             init.version = run.name
     elif (run / "config.yaml").is_file():
         init.save_dir, init.name, init.version = os.fspath(run), subcommand, None
+
+
+def _say_resuming(checkpoint: Path) -> None:
+    """One line on what a resumed fit continues: the checkpoint, and artifacts left incomplete (a full disk)."""
+    run = run_directory(checkpoint)
+    problem = artifacts_problem(run)
+    note = f"; its artifacts are incomplete ({problem}) and are written again at the end" if problem else ""
+    rank_zero_info(f"Resuming the run {run} from {checkpoint}{note}.")
 
 
 def _without_checkpointing(config: Namespace) -> None:

@@ -15,6 +15,11 @@ uses. Hence, whenever the task's size is a multiple of the global batch size:
 - a fit resumed at epoch ``e`` sees the batches of the uninterrupted fit;
 - the data do not depend on ``num_workers``, nor on whether the stream runs as one ``fit`` or one per task.
 
+A fit resumed *mid-epoch* (from the checkpoint written at a pre-emption) passes ``skip``: the first ``skip``
+examples of this rank's share of that epoch are left out, so the resumed epoch trains on the batches the
+interrupted one had not reached. ``len()`` stays the whole share, as Lightning expects of a resumed loader (it
+counts the batches already done).
+
 It subclasses ``DistributedSampler``, so Lightning keeps it instead of inserting its own under DDP, and calls
 its ``set_epoch`` before every epoch.
 """
@@ -39,12 +44,16 @@ class StreamSampler(DistributedSampler):
             ``e − first_epoch`` of the task.
         num_replicas: number of processes ``W``.
         rank: this process's rank ``r``.
+        skip: ``(epoch, n)``: in trainer epoch ``epoch`` only, leave out the first ``n`` examples of this rank's
+            share (a mid-epoch resume); ``None`` leaves out nothing.
     """
 
-    def __init__(self, dataset: Dataset, seed: int, first_epoch: int = 0, num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, dataset: Dataset, seed: int, first_epoch: int = 0, num_replicas: int = 1, rank: int = 0,
+                 skip: tuple[int, int] | None = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.first_epoch = first_epoch
         self.epoch = first_epoch
+        self.skip = skip
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch_seed = mix(self.seed, self.epoch - self.first_epoch)
@@ -52,5 +61,6 @@ class StreamSampler(DistributedSampler):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(epoch_seed)).tolist()
         # Pad with the order's start (as DistributedSampler does) so that every rank gets as many examples.
         order = (order * -(-self.total_size // n))[: self.total_size]
-        for index in order[self.rank : self.total_size : self.num_replicas]:
+        start = self.skip[1] if self.skip is not None and self.skip[0] == self.epoch else 0
+        for index in order[self.rank : self.total_size : self.num_replicas][start:]:
             yield index, mix(epoch_seed, index)

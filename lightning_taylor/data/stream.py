@@ -517,7 +517,25 @@ class TaskStreamDataModule(L.LightningDataModule):
         # The task's first epoch: 0 in a fit of its own (set_task), task·E in one fit over the stream.
         first_epoch = 0 if self._task is not None else task * self.epochs_per_task
         world_size, rank = self._processes()
-        return StreamSampler(dataset, mix(seed, task), first_epoch, num_replicas=world_size, rank=rank)
+        done = self._batches_done_in_resumed_epoch(dataset, world_size)
+        skip = (self.trainer.current_epoch, done * self.batch_size) if done else None
+        return StreamSampler(dataset, mix(seed, task), first_epoch, num_replicas=world_size, rank=rank, skip=skip)
+
+    def _batches_done_in_resumed_epoch(self, dataset: Dataset, world_size: int) -> int:
+        """The training batches of the current epoch already trained, when ``fit`` resumes mid-epoch (from a
+        pre-emption checkpoint, :class:`~lightning_taylor.callbacks.FaultTolerance`); else 0."""
+        trainer = self.trainer
+        if trainer is None or not (trainer.fit_loop.restarting and trainer.fit_loop.epoch_loop.restarting):
+            return 0
+        done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
+        share = -(-len(dataset) // world_size)
+        batches = -(-share // self.batch_size)
+        limit = trainer.limit_train_batches
+        if isinstance(limit, int):
+            batches = min(batches, limit)
+        elif limit is not None:
+            batches = int(batches * limit)
+        return done if 0 < done < batches else 0  # an epoch finished (or not begun) starts from its beginning
 
     def _eval_loader(self, dataset: Dataset) -> DataLoader:
         world_size, rank = self._processes()

@@ -18,9 +18,10 @@ from typing import Any, Collection, Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import load_file, safe_open
 from torch import Tensor, nn
 
+from lightning_taylor._atomic import save_tensors
 from lightning_taylor.deltas.composition import Composition
 from lightning_taylor.deltas.task_deltas import TaskDeltas
 from lightning_taylor.errors import expected
@@ -39,16 +40,23 @@ def _config(deltas: TaskDeltas) -> dict[str, str]:
     }
 
 
-def save_deltas(deltas: TaskDeltas, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
-    """Write every banked task delta (not the live slot: call ``deltas.bank()`` first to include it)."""
+def deltas_content(deltas: TaskDeltas, metadata: Mapping[str, str] | None = None
+                   ) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and metadata of a deltas file: every banked task delta (not the live slot)."""
     tensors = {
         f"{name}.{key}_task{task}": value.detach().contiguous().cpu()
         for name, delta, _ in deltas.layers()
         for task in delta.banked_tasks
         for key, value in delta.task_state(task).items()
     }
-    meta = {**_config(deltas), "tasks": json.dumps(deltas.banked_tasks), **dict(metadata or {})}
-    save_file(tensors, os.fspath(path), metadata=meta)
+    return tensors, {**_config(deltas), "tasks": json.dumps(deltas.banked_tasks), **dict(metadata or {})}
+
+
+def save_deltas(deltas: TaskDeltas, path: str | os.PathLike, metadata: Mapping[str, str] | None = None) -> None:
+    """Write every banked task delta (not the live slot: call ``deltas.bank()`` first to include it), whole or not
+    at all (a failed write is a :class:`~lightning_taylor.errors.WriteError` and leaves no partial file)."""
+    tensors, meta = deltas_content(deltas, metadata)
+    save_tensors(path, tensors, meta, "the deltas")
 
 
 def read_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -189,14 +197,8 @@ def export_merged(
         "layer_factors": json.dumps([[p, {str(t): m for t, m in f.items()}] for p, f in comp.layer_factors]),
         **dict(metadata or {}),
     }
-    directory, name = os.path.split(os.path.abspath(path))
-    partial = os.path.join(directory, f".{name}.partial")
-    try:
-        save_file(state, partial, metadata=meta)
-        os.replace(partial, path)
-    finally:
-        if os.path.exists(partial):
-            os.remove(partial)
+    save_tensors(path, state, meta, "the merged model",
+                 "Nothing was written" + (" (the file there is as it was)." if os.path.exists(path) else "."))
 
 
 def load_merged(path: str | os.PathLike, **overrides: Any) -> nn.Module:

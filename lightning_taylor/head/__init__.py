@@ -11,7 +11,12 @@
 from lightning_taylor.head.drift import compensate_drift
 from lightning_taylor.head.fisher import head_fisher
 from lightning_taylor.head.mixtures import ClassMixtures, fit_class_mixtures
-from lightning_taylor.head.pretuned_file import PRETUNED_FILE, PretunedHeads, load_pretuned_heads, pretuned_tensors
+from lightning_taylor.head.pretuned_file import (
+           PRETUNED_FILE,
+           PretunedHeads,
+           load_pretuned_heads,
+           pretuned_tensors,
+)
 from lightning_taylor.head.pretuning import PreTuning, extract_features, pretune_head
 from lightning_taylor.head.probing import align_head, alignment_epochs, linear_probe
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -33,6 +34,7 @@ from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 
+from lightning_taylor._atomic import write_text
 from lightning_taylor.data.split import classes_of, uniform_size
 from lightning_taylor.deltas import export_merged
 from lightning_taylor.deltas.composition import (
@@ -153,18 +155,18 @@ class EditResult:
     def save(self, directory: str | os.PathLike, extra: Mapping[str, Any] | None = None) -> Path:
         """Write ``edit_accuracy.csv`` (the rows, fractions) and ``edit.json`` (edit, composition, accuracies)."""
         directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
         rows = self.rows()
-        with open(directory / "edit_accuracy.csv", "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows([{k: repr(v) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows([{k: repr(v) if isinstance(v, float) else v for k, v in r.items()} for r in rows])
+        write_text(directory / "edit_accuracy.csv", text.getvalue(), "the edit's accuracies")  # whole or absent
         summary = {"edit": self.edit.to_dict(),
                    "composition": {str(t): float(w) for t, w in sorted(self.composition.weights.items())},
                    "layer_factors": [[p, {str(t): m for t, m in f.items()}] for p, f in self.composition.layer_factors],
                    "removed_tasks": self.removed, "masked_classes": self.masked_classes,
                    "before": self.before, "after": self.after, **dict(extra or {})}
-        (directory / "edit.json").write_text(json.dumps(summary, indent=2, allow_nan=True))
+        write_text(directory / "edit.json", json.dumps(summary, indent=2, allow_nan=True), "the edit's summary")
         return directory / "edit_accuracy.csv"
 
 
@@ -239,14 +241,10 @@ def export(run: Run, path: str | os.PathLike, composition: Composition | Mapping
     path = Path(path)
     head = run.model.head
     bias = [f"{name}.bias" for name, module in run.model.backbone.named_modules() if module is head]
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with _masked_head(head, masked):
-            export_merged(run.model.backbone, run.deltas, path, composition, run.model_name, run.model_kwargs, meta,
-                          neg_inf_ok=bias if masked else ())
-    except OSError as err:
-        raise expected("export path", "a file path that can be written", os.fspath(path),
-                       f"{type(err).__name__}: {err.strerror or err}.") from err
+    # export_merged writes whole or not at all and reports a failed write as a WriteError (path, reason).
+    with _masked_head(head, masked):
+        export_merged(run.model.backbone, run.deltas, path, composition, run.model_name, run.model_kwargs, meta,
+                      neg_inf_ok=bias if masked else ())
     return path
 
 

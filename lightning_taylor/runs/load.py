@@ -6,6 +6,7 @@ A run directory, as ``lightning-taylor fit`` leaves it::
     <run>/checkpoints/last.ckpt     backbone θ0, head, banked deltas, hyper-parameters of module and data
     <run>/deltas.safetensors        the banked deltas with the method's name and strength, optional
     <run>/pretuned_head.safetensors every boundary's pre-tuned head (:meth:`Run.pretuned_heads`), optional
+    <run>/artifacts.json            the manifest of the artifacts (deltas, curvature, pre-tuned head)
 
 :func:`load_run` takes the directory (its ``checkpoints/last.ckpt``, else the newest ``.ckpt`` there) or a
 checkpoint file, and returns a :class:`Run` whose model is in eval mode, composed uniformly over its tasks
@@ -21,7 +22,10 @@ What it trusts and checks, since a run may come from elsewhere:
   ``data`` sections of ``config.yaml``;
 - the data is never downloaded (``download=False`` whatever the run said) and is read from ``data_root``
   when given; data that is not on disk is an error naming ``data_root``;
-- a ``deltas`` file replacing the checkpoint's deltas must be readable and finite (errors name the file).
+- a ``deltas`` file replacing the checkpoint's deltas must be readable and finite (errors name the file);
+- a run that is not finished is loaded, and says so (:attr:`Run.incomplete`; `lightning-taylor edit` prints a note): its fit
+  stopped before the stream's end (pre-empted, killed), or its artifacts were not all written (a full disk:
+  ``artifacts.json`` missing or disagreeing with the files, :func:`artifacts_problem`).
 """
 
 from __future__ import annotations
@@ -46,7 +50,11 @@ from lightning_taylor.deltas.composition import uniform
 from lightning_taylor.deltas.io import check_model_spec, read_metadata
 from lightning_taylor.errors import InputError, expected
 from lightning_taylor.finite import first_non_finite
-from lightning_taylor.head.pretuned_file import PRETUNED_FILE, PretunedHeads, load_pretuned_heads
+from lightning_taylor.head.pretuned_file import (
+    PRETUNED_FILE,
+    PretunedHeads,
+    load_pretuned_heads,
+)
 from lightning_taylor.model.backbone import resolve_model
 from lightning_taylor.model.module import IncrementalViT
 
@@ -72,6 +80,7 @@ class Run:
         info: what is known about training: ``algorithm`` (``ita`` / ``iel``), ``strength``, ... (strings).
         deltas_file: the file the deltas were taken from instead of the checkpoint, if any.
         config: the run's ``config.yaml`` (parsed), if there is one.
+        incomplete: why the run is not finished (stopped mid-stream, artifacts not all written), or ``None``.
     """
 
     model: IncrementalViT
@@ -84,6 +93,7 @@ class Run:
     info: dict[str, str] = field(default_factory=dict)
     deltas_file: Path | None = None
     config: dict[str, Any] | None = None
+    incomplete: str | None = None
 
     @property
     def tasks(self) -> list[int]:
@@ -132,6 +142,30 @@ def find_checkpoint(path: str | os.PathLike, argument: str = "run") -> Path:
 def run_directory(checkpoint: Path) -> Path:
     """The run directory of ``checkpoint``: the parent of its ``checkpoints/`` folder, else its own folder."""
     return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint.parent
+
+
+def artifacts_problem(run_dir: str | os.PathLike) -> str | None:
+    """Why ``run_dir``'s artifacts are not one complete set (see :func:`lightning_taylor._atomic.manifest_problem`),
+    or ``None`` (complete, or none written)."""
+    from lightning_taylor._atomic import manifest_problem
+    from lightning_taylor.callbacks._artifacts import ARTIFACT_FILES
+
+    return manifest_problem(run_dir, ARTIFACT_FILES)
+
+
+def _unfinished(checkpoint: Mapping[str, Any], data: Mapping[str, Any] | None, run_dir: Path) -> str | None:
+    """Why the run is not finished: its artifacts are incomplete, or its checkpoint is before the stream's end."""
+    problem = artifacts_problem(run_dir)
+    if problem is not None:
+        return f"its artifacts are incomplete: {problem}"
+    try:
+        done = int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+        total = int(data["num_tasks"]) * int(data["epochs_per_task"])
+    except (KeyError, TypeError, ValueError):
+        return None  # not a checkpoint of a task-stream fit: nothing to compare with
+    if done < total:
+        return f"its fit stopped after {done} of {total} epochs (resume it with `lightning-taylor fit --ckpt_path`)"
+    return None
 
 
 def _read_checkpoint(path: Path) -> dict[str, Any]:
@@ -335,9 +369,12 @@ def load_run(
     model.task_deltas.compose(uniform(model.task_deltas.tasks))
     model.eval().requires_grad_(False)
     info = _info(checkpoint, config, deltas_file or run_dir / "deltas.safetensors")
+    incomplete = _unfinished(checkpoint, data_hparams, run_dir)
+    if incomplete is not None:
+        log.info("The run %s is incomplete: %s", run_dir, incomplete)  # Run.incomplete; the command says it
     log.debug("Loaded %s: tasks %s, %s deltas", checkpoint_path, model.task_deltas.tasks, model.task_deltas.style)
     return Run(model.to(device), datamodule, model.task_deltas, checkpoint_path, run_dir, model_name,
-               {**model_kwargs, "num_classes": hparams["num_classes"]}, info, deltas_file, config)
+               {**model_kwargs, "num_classes": hparams["num_classes"]}, info, deltas_file, config, incomplete)
 
 
-__all__ = ["Run", "find_checkpoint", "load_run", "run_directory"]
+__all__ = ["Run", "artifacts_problem", "find_checkpoint", "load_run", "run_directory"]
