@@ -524,9 +524,10 @@ class TaskStreamDataModule(L.LightningDataModule):
     def _batches_done_in_resumed_epoch(self, dataset: Dataset, world_size: int) -> int:
         """The training batches of the current epoch already trained, when ``fit`` resumes mid-epoch (from a
         pre-emption checkpoint, :class:`~lightning_taylor.callbacks.FaultTolerance`); else 0."""
-        trainer = self.trainer
-        if trainer is None or not (trainer.fit_loop.restarting and trainer.fit_loop.epoch_loop.restarting):
+        loop = getattr(self.trainer, "fit_loop", None)  # none without a Trainer (or with a stand-in one)
+        if loop is None or not (loop.restarting and loop.epoch_loop.restarting):
             return 0
+        trainer = self.trainer
         done = int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
         share = -(-len(dataset) // world_size)
         batches = -(-share // self.batch_size)
