@@ -284,6 +284,16 @@ def cli(args: list[str] | None = None, run: bool = True) -> TaylorCLI:
     """Build (and with ``run``, execute) the CLI; ``args`` default to the command line."""
     if args is not None:
         args = with_demo_config(list(args), subcommand=run)
+    try:
+        return _build_cli(args, run)
+    finally:
+        if run and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # Every rank leaves its process group before the interpreter exits: left to the destructors, a
+            # gloo rank whose peer has already gone can abort at exit ("terminate called ...", status -6).
+            torch.distributed.destroy_process_group()
+
+
+def _build_cli(args: list[str] | None, run: bool) -> TaylorCLI:
     return TaylorCLI(
         IncrementalViT,
         TaskStreamDataModule,
