@@ -187,14 +187,16 @@ def signature(master: np.ndarray) -> np.ndarray:
 # ------------------------------------------------------------------------------------------ augmentation
 
 
-def augment(masters: torch.Tensor, generator: torch.Generator, strength: float = 1.0) -> torch.Tensor:
+def augment(masters: torch.Tensor, generator: torch.Generator, strength: float = 1.0,
+            noise: bool = True) -> torch.Tensor:
     """Random glyph images ``(B, 1, SIZE, SIZE)`` in ``[0, 1]`` from uint8 masters ``(B, SCALE*SIZE, SCALE*SIZE)``.
 
     Per image: affine (rotation ±12°, shear ±0.25, scale 0.8-1.1 per axis, shift ±2 px), elastic distortion
     (a random 4 × 4 displacement field, bicubically upsampled, up to ±1.5 px), stroke width (erode, keep,
     dilate once or twice at the master resolution with probabilities 0.2, 0.4, 0.3, 0.1), reduction to
     ``SIZE`` by 2 × 2 averaging, blur (mixing with a 3 × 3 box, weight 0-0.6), contrast 0.6-1 and Gaussian
-    noise (σ 0-0.08). ``strength`` scales every geometric and photometric range (0: the clean master).
+    noise (σ 0-0.08; only with ``noise``). ``strength`` scales every geometric and photometric range (0: the
+    clean master).
     """
     b, n = masters.shape[0], masters.shape[-1]
     x = masters.float().unsqueeze(1) / 255
@@ -229,7 +231,9 @@ def augment(masters: torch.Tensor, generator: torch.Generator, strength: float =
     blur = u(0, 0.6).view(b, 1, 1, 1) * s
     x = (1 - blur) * x + blur * F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
     x = x * (1 - u(0, 0.4) * s).view(b, 1, 1, 1)
-    x = x + torch.randn(x.shape, generator=generator) * (u(0, 0.08) * s).view(b, 1, 1, 1)
+    sigma = u(0, 0.08) * s  # drawn either way, so noise=False changes nothing else
+    if noise:
+        x = x + torch.randn(x.shape, generator=generator) * sigma.view(b, 1, 1, 1)
     return x.clamp(0, 1)
 
 
@@ -334,13 +338,14 @@ def render_set(codepoints: list[int], font_names: list[str], cover: dict[int, li
                     np.asarray(font_ids, np.int64))
 
 
-def sample(glyphs: GlyphSet, per_class: int, generator: torch.Generator, strength: float = 1.0) -> tuple:
+def sample(glyphs: GlyphSet, per_class: int, generator: torch.Generator, strength: float = 1.0,
+           noise: bool = True) -> tuple:
     """``per_class`` augmented images of every class, each from a random one of its masters (fonts)."""
     images, labels, fonts = [], [], []
     by_class = [np.flatnonzero(glyphs.master_class == c) for c in range(len(glyphs.codepoints))]
     for c, rows in enumerate(by_class):
         pick = torch.as_tensor(rows)[torch.randint(len(rows), (per_class,), generator=generator)]
-        images.append(augment(torch.as_tensor(glyphs.masters[pick.numpy()]), generator, strength))
+        images.append(augment(torch.as_tensor(glyphs.masters[pick.numpy()]), generator, strength, noise))
         labels.append(torch.full((per_class,), c))
         fonts.append(torch.as_tensor(glyphs.master_font[pick.numpy()]))
     return torch.cat(images), torch.cat(labels), torch.cat(fonts)
