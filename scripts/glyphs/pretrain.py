@@ -75,6 +75,7 @@ def main() -> None:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup-steps", type=int, default=500)
     p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument("--augment-strength", type=float, default=1.0, help="scales render.augment's ranges")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -138,7 +139,7 @@ def main() -> None:
             y = labels[i * args.batch_size:(i + 1) * args.batch_size]
             rows = torch.stack([by_class[c][torch.randint(len(by_class[c]), (1,), generator=generator)][0]
                                 for c in y.tolist()])
-            x = (render.augment(masters[rows], generator) - MEAN) / STD
+            x = (render.augment(masters[rows], generator, args.augment_strength) - MEAN) / STD
             loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
             if not torch.isfinite(loss):
                 raise SystemExit(f"non-finite loss at step {step}")
