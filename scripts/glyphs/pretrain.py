@@ -76,6 +76,8 @@ def main() -> None:
     p.add_argument("--warmup-steps", type=int, default=500)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--augment-strength", type=float, default=1.0, help="scales render.augment's ranges")
+    p.add_argument("--keep-ink", action="store_true",
+                   help="render.augment's erosion guard and rescaling (off for the shipped weights)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
@@ -113,7 +115,10 @@ def main() -> None:
     metadata = {
         "model_name": MODEL_NAME,
         "model_kwargs": json.dumps({**kwargs, "num_classes": 0}),
-        "recipe": json.dumps({"command": " ".join(["python"] + sys.argv), "hparams": hparams,
+        # The command without --output's value: where it was written is no part of the recipe.
+        "recipe": json.dumps({"command": " ".join(["python", "scripts/glyphs/pretrain.py"] + [
+                                  a for i, a in enumerate(sys.argv[1:]) if a != "--output" and
+                                  (i == 0 or sys.argv[i] != "--output")]), "hparams": hparams,
                               "augmentation": render.augment.__doc__.split("\n\n")[1].strip(),
                               "optimizer": "AdamW", "schedule": "linear warm-up + cosine (per step)"}),
         "data": f"rendered glyphs: {len(glyphs.codepoints)} letter code points, {len(pre['fonts'])} fonts "
@@ -139,7 +144,7 @@ def main() -> None:
             y = labels[i * args.batch_size:(i + 1) * args.batch_size]
             rows = torch.stack([by_class[c][torch.randint(len(by_class[c]), (1,), generator=generator)][0]
                                 for c in y.tolist()])
-            x = (render.augment(masters[rows], generator, args.augment_strength) - MEAN) / STD
+            x = (render.augment(masters[rows], generator, args.augment_strength, keep_ink=args.keep_ink) - MEAN) / STD
             loss = F.cross_entropy(model(x), y, label_smoothing=args.label_smoothing)
             if not torch.isfinite(loss):
                 raise SystemExit(f"non-finite loss at step {step}")

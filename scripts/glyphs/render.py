@@ -188,14 +188,15 @@ def signature(master: np.ndarray) -> np.ndarray:
 
 
 def augment(masters: torch.Tensor, generator: torch.Generator, strength: float = 1.0,
-            noise: bool = True) -> torch.Tensor:
+            noise: bool = True, keep_ink: bool = True) -> torch.Tensor:
     """Random glyph images ``(B, 1, SIZE, SIZE)`` in ``[0, 1]`` from uint8 masters ``(B, SCALE*SIZE, SCALE*SIZE)``.
 
     Per image: affine (rotation ±12°, shear ±0.25, scale 0.8-1.1 per axis, shift ±2 px), elastic distortion
     (a random 4 × 4 displacement field, bicubically upsampled, up to ±1.5 px), stroke width (erode, keep,
     dilate once or twice at the master resolution with probabilities 0.2, 0.4, 0.3, 0.1; erosion only where it
     keeps half of the ink), reduction to ``SIZE`` by 2 × 2 averaging and the brightest pixel scaled to 1, blur (mixing with a 3 × 3 box, weight 0-0.6), contrast 0.6-1 and Gaussian
-    noise (σ 0-0.08; only with ``noise``). ``strength`` scales every geometric and photometric range (0: the
+    noise (σ 0-0.08; only with ``noise``). ``keep_ink=False`` skips the erosion guard and the rescaling to 1
+    (how the shipped glyph backbone was pre-trained: 4 % of such images are nearly blank). ``strength`` scales every geometric and photometric range (0: the
     clean master).
     """
     b, n = masters.shape[0], masters.shape[-1]
@@ -225,13 +226,14 @@ def augment(masters: torch.Tensor, generator: torch.Generator, strength: float =
     twice = F.max_pool2d(dilated, 3, stride=1, padding=1)
     eroded = -F.max_pool2d(-x, 3, stride=1, padding=1)
     # Erosion can wipe out a hairline font: it is kept only where it leaves half of the ink.
-    erode = (stroke == 0) & (eroded.flatten(1).sum(1) >= 0.5 * x.flatten(1).sum(1))
+    erode = (stroke == 0) & ((eroded.flatten(1).sum(1) >= 0.5 * x.flatten(1).sum(1)) | (not keep_ink))
     stroke = torch.where((stroke == 0) & ~erode, torch.ones_like(stroke), stroke)
     choice = stroke.view(b, 1, 1, 1)
     x = torch.where(choice == 0, eroded, torch.where(choice == 2, dilated, torch.where(choice == 3, twice, x)))
     x = F.avg_pool2d(x, SCALE)
     # Brightest pixel back to 1 before the contrast factor, so thin glyphs are not also faint ones.
-    x = x / x.flatten(1).amax(1).clamp_min(1e-6).view(b, 1, 1, 1)
+    if keep_ink:
+        x = x / x.flatten(1).amax(1).clamp_min(1e-6).view(b, 1, 1, 1)
 
     blur = u(0, 0.6).view(b, 1, 1, 1) * s
     x = (1 - blur) * x + blur * F.avg_pool2d(x, 3, stride=1, padding=1, count_include_pad=False)
