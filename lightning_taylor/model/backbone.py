@@ -6,6 +6,8 @@
 - ``False``: random initialisation (tests, debugging);
 - ``"embedded"``: the tiny ViT shipped with this package, pre-trained on Fashion-MNIST by
   ``scripts/pretrain_backbone.py``; its model name and constructor arguments come from the file's metadata;
+- ``"embedded:glyphs"``: the shipped tiny ViT pre-trained on 1,000 rendered letter classes by
+  ``scripts/glyphs/pretrain.py`` (the backbone of the ``glyphs`` stream), likewise from its metadata;
 - a path: a ``.safetensors``, ``.pth`` or ``.bin`` state dict (or a checkpoint holding ``state_dict``) for
   ``model_name``.
 
@@ -37,31 +39,42 @@ from lightning_taylor.errors import expected
 log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded"
+#: ``pretrained`` values naming a weights file shipped in ``lightning_taylor/weights/``.
+EMBEDDED_WEIGHTS: dict[str, str] = {
+    EMBEDDED: "vit_fmnist_tiny.safetensors",        # Fashion-MNIST, 10 classes (the default)
+    "embedded:glyphs": "vit_glyphs_tiny.safetensors",  # 1,000 rendered letters of 53 scripts
+}
 
 
-def embedded_weights() -> Path:
-    """Path of the shipped tiny ViT (package data, found by editable and regular installs alike)."""
-    return Path(str(resources.files("lightning_taylor") / "weights" / "vit_fmnist_tiny.safetensors"))
+def embedded_weights(name: str = EMBEDDED) -> Path:
+    """Path of a shipped tiny ViT (package data, found by editable and regular installs alike)."""
+    if name not in EMBEDDED_WEIGHTS:
+        raise expected("pretrained", f"one of the embedded weights {tuple(EMBEDDED_WEIGHTS)}", name)
+    return Path(str(resources.files("lightning_taylor") / "weights" / EMBEDDED_WEIGHTS[name]))
 
 
-def embedded_metadata() -> dict[str, str]:
-    with safe_open(str(embedded_weights()), framework="pt") as f:
+def embedded_metadata(name: str = EMBEDDED) -> dict[str, str]:
+    with safe_open(str(embedded_weights(name)), framework="pt") as f:
         return dict(f.metadata() or {})
+
+
+def is_embedded(pretrained: object) -> bool:
+    return isinstance(pretrained, str) and pretrained in EMBEDDED_WEIGHTS
 
 
 def resolve_model(model_name: str | None, pretrained: bool | str,
                   model_kwargs: Mapping[str, Any] | None) -> tuple[str, dict]:
-    """The timm model name and constructor arguments, taking them from the metadata for ``"embedded"``.
+    """The timm model name and constructor arguments, taking them from the metadata for embedded weights.
 
-    With ``"embedded"`` the file decides the model: ``model_name`` must be ``None`` or the file's own name
+    With ``"embedded"`` (or another key of :data:`EMBEDDED_WEIGHTS`) the file decides the model: ``model_name`` must be ``None`` or the file's own name
     (a different name would be silently ignored otherwise); ``model_kwargs`` override the file's arguments.
     """
     kwargs = dict(model_kwargs or {})
-    if pretrained == EMBEDDED:
-        meta = embedded_metadata()
+    if is_embedded(pretrained):
+        meta = embedded_metadata(pretrained)
         if model_name is not None and model_name != meta["model_name"]:
             raise expected("model_name", f"None or {meta['model_name']!r} (the model in the embedded weights) with "
-                           "pretrained='embedded'", model_name,
+                           f"pretrained={pretrained!r}", model_name,
                            "The embedded file holds that one model. For another, pass `pretrained: true` (timm hub) or "
                            "the path of a weights file of it.")
         return meta["model_name"], {**json.loads(meta["model_kwargs"]), **kwargs}
@@ -200,11 +213,11 @@ def create_backbone(
     if isinstance(pretrained, bool):
         model = _from_hub(name, kwargs) if pretrained else timm.create_model(name, pretrained=False, **kwargs)
     elif isinstance(pretrained, (str, os.PathLike)):
-        path = embedded_weights() if pretrained == EMBEDDED else Path(pretrained)
+        path = embedded_weights(pretrained) if is_embedded(pretrained) else Path(pretrained)
         model = timm.create_model(name, pretrained=False, **kwargs)
         load_weights(model, path)
     else:
-        raise expected("pretrained", "True, False, 'embedded' or a path", pretrained)
+        raise expected("pretrained", f"True, False, one of {tuple(EMBEDDED_WEIGHTS)} or a path", pretrained)
     head = model.get_classifier()
     if not isinstance(head, nn.Linear):
         raise expected("model_name", "a timm model whose classifier is one nn.Linear", name, f"Got {type(head).__name__}.")

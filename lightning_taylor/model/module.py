@@ -49,8 +49,9 @@ class IncrementalViT(L.LightningModule):
     Args:
         model_name: timm model name, e.g. ``vit_base_patch16_224.augreg_in21k``; ``None`` with
             ``pretrained="embedded"`` (the default) takes the shipped tiny ViT's name from its file.
-        pretrained: ``"embedded"`` (the shipped tiny ViT, offline), ``True`` (timm hub), ``False`` or a weights
-            file.
+        pretrained: ``"embedded"`` (the shipped tiny ViT, offline), ``"embedded:glyphs"`` (the shipped tiny ViT
+            pre-trained on rendered letters, for the ``glyphs`` stream), ``True`` (timm hub), ``False`` or a
+            weights file.
         model_kwargs: extra ``timm.create_model`` arguments (``img_size``, ``in_chans``, …).
         num_classes: classes of the whole stream (linked to the data module by the CLI).
         classes_per_task: head rows per task of a uniform stream (linked to the data module by the CLI);
