@@ -51,7 +51,9 @@ def main() -> None:
         parts[f"{split}_images"] = (x[:, 0] * 255).round().to(torch.uint8).numpy()
         parts[f"{split}_labels"] = y.to(torch.uint8).numpy()
         parts[f"{split}_fonts"] = f.to(torch.uint8).numpy()
-    recipe = {"command": " ".join(["python"] + sys.argv), "seed": args.seed, "split_seed": args.split_seed,
+    # The command as a user types it: the script and its settings, not where this machine put the outputs.
+    command = ["python", "scripts/glyphs/make_stream.py", "--seed", str(args.seed), "--split-seed", str(args.split_seed)]
+    recipe = {"command": " ".join(command), "seed": args.seed, "split_seed": args.split_seed,
               "noise": False,
               "train_per_class": args.train_per_class, "test_per_class": args.test_per_class,
               "masters": len(glyphs.masters), "renderer": "scripts/glyphs/render.py"}
