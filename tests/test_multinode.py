@@ -120,3 +120,43 @@ def test_two_nodes_write_one_run_equal_to_one_node_with_two_processes(how, one_n
         for key, value in expected[part].items():
             torch.testing.assert_close(got[part][key], value, rtol=tolerance, atol=tolerance,
                                        msg=lambda m, part=part, key=key: f"{how}: {part} {key}: {m}")
+
+
+def test_sigterm_to_every_node_checkpoints_once_and_every_rank_exits_143(tmp_path):
+    """Pre-emption under DDP, as SLURM does it: SIGTERM to every task. Both ranks agree on the batch to stop at
+    (FaultTolerance all-reduces the decision), rank 0 writes ``preempted.ckpt``, and every rank exits 143."""
+    import signal
+    import time
+
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    port = free_port()
+    processes = []
+    for rank, cwd in enumerate(nodes):
+        cwd.mkdir()
+        env = {**base_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank),
+               "LOCAL_RANK": "0", "WORLD_SIZE": "2", "SLOW_BATCHES_SECONDS": "2",
+               "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+        args = [*FIT, "--data.epochs_per_task", "2", "--trainer.num_nodes", "2", "--trainer.devices", "1",
+                "--trainer.callbacks+=slow_batches.SlowBatches"]  # epoch 1's batches take 2 s: the signal lands there
+        processes.append(subprocess.Popen([COMMAND, *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
+                                          stderr=subprocess.STDOUT, text=True))
+    checkpoints = nodes[0] / RUN / "checkpoints"
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not list(checkpoints.glob("epoch=0-*.ckpt")):  # the first epoch's checkpoint
+            assert all(p.poll() is None for p in processes) and time.monotonic() < deadline, "no checkpoint"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        for process in processes:
+            process.send_signal(signal.SIGTERM)
+        outputs = [process.communicate(timeout=TIMEOUT)[0] for process in processes]
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.communicate()
+    for rank, (process, output) in enumerate(zip(processes, outputs)):
+        assert process.returncode == 143, f"rank {rank} exited {process.returncode}:\n{output[-3000:]}"
+    assert (checkpoints / "preempted.ckpt").is_file()
+    assert os.path.realpath(checkpoints / "last.ckpt") == str(checkpoints / "preempted.ckpt")
+    assert not [p for p in nodes[1].rglob("*")], "rank 1 wrote files"
