@@ -47,19 +47,27 @@ def base_env() -> dict[str, str]:
     return {**env, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PL_DISABLE_FORK": "1"}
 
 
-def run_nodes(commands: list[tuple[list[str], dict[str, str], Path]]) -> None:
-    """Start every (command, environment, working folder) at once; all must end with status 0 in time."""
-    processes = [subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                 for cmd, env, cwd in commands]
-    outputs = []
+def start(commands: list[tuple[list[str], dict[str, str], Path]]) -> list[subprocess.Popen]:
+    """Start every (command, environment, working folder) at once."""
+    return [subprocess.Popen(cmd, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for cmd, env, cwd in commands]
+
+
+def finish(processes: list[subprocess.Popen]) -> list[str]:
+    """Every process's output, each waited for at most :data:`TIMEOUT`; any still running is killed."""
     try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=TIMEOUT)[0])
+        return [process.communicate(timeout=TIMEOUT)[0] for process in processes]
     finally:
         for process in processes:
             if process.poll() is None:
                 process.kill()
                 process.communicate()
+
+
+def run_nodes(commands: list[tuple[list[str], dict[str, str], Path]]) -> None:
+    """Start every command at once; all must end with status 0 in time."""
+    processes = start(commands)
+    outputs = finish(processes)
     for node, (process, output) in enumerate(zip(processes, outputs)):
         assert process.returncode == 0, f"node {node} exited {process.returncode}:\n{output[-4000:]}"
 
@@ -130,7 +138,7 @@ def test_sigterm_to_every_node_checkpoints_once_and_every_rank_exits_143(tmp_pat
 
     nodes = [tmp_path / "node0", tmp_path / "node1"]
     port = free_port()
-    processes = []
+    commands = []
     for rank, cwd in enumerate(nodes):
         cwd.mkdir()
         env = {**base_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "NODE_RANK": str(rank),
@@ -138,23 +146,23 @@ def test_sigterm_to_every_node_checkpoints_once_and_every_rank_exits_143(tmp_pat
                "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
         args = [*FIT, "--data.epochs_per_task", "2", "--trainer.num_nodes", "2", "--trainer.devices", "1",
                 "--trainer.callbacks+=slow_batches.SlowBatches"]  # epoch 1's batches take 2 s: the signal lands there
-        processes.append(subprocess.Popen([COMMAND, *args], env=env, cwd=cwd, stdout=subprocess.PIPE,
-                                          stderr=subprocess.STDOUT, text=True))
+        commands.append(([COMMAND, *args], env, cwd))
+    processes = start(commands)
     checkpoints = nodes[0] / RUN / "checkpoints"
     try:
         deadline = time.monotonic() + TIMEOUT
         while not list(checkpoints.glob("epoch=0-*.ckpt")):  # the first epoch's checkpoint
             assert all(p.poll() is None for p in processes) and time.monotonic() < deadline, "no checkpoint"
             time.sleep(0.2)
-        time.sleep(1.0)
+    except BaseException:
         for process in processes:
-            process.send_signal(signal.SIGTERM)
-        outputs = [process.communicate(timeout=TIMEOUT)[0] for process in processes]
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.communicate()
+            process.kill()
+        finish(processes)
+        raise
+    time.sleep(1.0)
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    outputs = finish(processes)
     for rank, (process, output) in enumerate(zip(processes, outputs)):
         assert process.returncode == 143, f"rank {rank} exited {process.returncode}:\n{output[-3000:]}"
     assert (checkpoints / "preempted.ckpt").is_file()

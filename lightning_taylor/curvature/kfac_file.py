@@ -25,9 +25,9 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from lightning_taylor._safetensors import read_tensors
 from lightning_taylor.curvature.kfac import KroneckerSums
 from lightning_taylor.errors import expected
 from lightning_taylor.finite import check_finite
@@ -74,12 +74,7 @@ class KFACFile:
 def load_kfac(path: str | os.PathLike) -> KFACFile:
     """Read ``path`` (a ``kfac.safetensors``); an ``InputError`` names the file and what cannot be interpreted."""
     path = os.fspath(path)
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (OSError, SafetensorError) as error:
-        raise expected("path", "a readable safetensors file of KFAC factors", path, str(error)) from None
+    tensors, metadata = read_tensors(path, "KFAC factors")
 
     def bad(key: str, what: str, got: object) -> Exception:
         return expected(f"{key}` of `{path}", what, got, "The file cannot be read as KFAC factors.")

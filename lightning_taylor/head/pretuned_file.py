@@ -18,9 +18,9 @@ import os
 from dataclasses import dataclass
 from typing import Mapping
 
-from safetensors import SafetensorError, safe_open
 from torch import Tensor
 
+from lightning_taylor._safetensors import read_tensors
 from lightning_taylor.errors import expected
 from lightning_taylor.finite import check_finite
 
@@ -56,12 +56,7 @@ class PretunedHeads:
 def load_pretuned_heads(path: str | os.PathLike) -> PretunedHeads:
     """Read ``path`` (per-task heads, or one head of an older file); errors name the file and the entry."""
     path = os.fspath(path)
-    try:
-        with safe_open(path, framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
-    except (OSError, SafetensorError) as error:
-        raise expected("path", "a readable safetensors file of pre-tuned heads", path, str(error)) from None
+    tensors, metadata = read_tensors(path, "pre-tuned heads")
     check_finite(tensors, f"the pre-tuned heads in {path}")
     if metadata.get("format") != FORMAT:  # one head: the last boundary's
         if set(tensors) != {"weight", "bias"}:
