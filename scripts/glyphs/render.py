@@ -244,6 +244,20 @@ def augment(masters: torch.Tensor, generator: torch.Generator, strength: float =
     return x.clamp(0, 1)
 
 
+def outline(images: np.ndarray) -> np.ndarray:
+    """The outline rendition of uint8 glyph images ``(N, H, W)``: the 3 × 3 morphological gradient
+    ``max₃ₓ₃(x) − min₃ₓ₃(x)``, which keeps a stroke's two edges and hollows its inside.
+
+    ``make_stream.py --style outline`` draws the stream this way, which the backbone never saw (it was
+    pre-trained on filled glyphs): a change of rendition of the same shapes, as ImageNet-R's renditions are
+    of ImageNet's classes, meant to give fine-tuning something every task shares to learn. Measured and not
+    adopted (docs/learning_quality_glyphs.md).
+    """
+    x = torch.as_tensor(images).float().unsqueeze(1)
+    gradient = F.max_pool2d(x, 3, stride=1, padding=1) + F.max_pool2d(-x, 3, stride=1, padding=1)
+    return gradient.clamp(0, 255)[:, 0].round().to(torch.uint8).numpy()
+
+
 # ---------------------------------------------------------------------------------------------- the split
 
 
