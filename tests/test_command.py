@@ -12,7 +12,7 @@ import yaml
 
 from lightning_taylor.callbacks import ITA, ContinualEvaluation
 from lightning_taylor.callbacks.continual_evaluation import log_matrix
-from lightning_taylor.cli import cli
+from lightning_taylor.cli import DEMO_DIR, cli
 from lightning_taylor.cli.threads import auto_threads
 from lightning_taylor.metrics import AccuracyMatrix
 
@@ -41,12 +41,12 @@ def test_help_lists_every_subcommand_with_a_description(tmp_path):
 def test_the_defaults_are_the_offline_ita_demo():
     parsed = cli([], run=False)
     algorithms = [c for c in parsed.trainer.callbacks if isinstance(c, ITA)]
-    assert len(algorithms) == 1 and algorithms[0].strength == 10.0 and algorithms[0].delta_settings.rank == 4
-    assert algorithms[0].head_alignment == "drift_compensated"
+    assert len(algorithms) == 1 and algorithms[0].strength == 5000.0 and algorithms[0].delta_settings.rank == 4
+    assert algorithms[0].head_alignment == "drift_compensated" and algorithms[0].penalty_settings.mode == "coupled"
     assert any(isinstance(c, ContinualEvaluation) for c in parsed.trainer.callbacks)
-    assert parsed.model.hparams.pretrained == "embedded" and parsed.datamodule.dataset == "mnist"
-    assert parsed.model.hparams.lr == 2e-3
-    assert parsed.datamodule.num_tasks == 5 and parsed.config.seed_everything == 0
+    assert parsed.model.hparams.pretrained == "embedded:glyphs" and parsed.datamodule.dataset == "glyphs"
+    assert parsed.model.hparams.lr == 2e-3 and parsed.datamodule.epochs_per_task == 3
+    assert parsed.datamodule.num_tasks == 10 and parsed.config.seed_everything == 0
 
 
 def test_the_demo_is_the_config_that_spells_it_out():
@@ -56,7 +56,7 @@ def test_the_demo_is_the_config_that_spells_it_out():
                      for c in config["trainer"]["callbacks"]]
         return callbacks, config["model"], config["data"], config["seed_everything"]
 
-    assert settings([]) == settings(["--config", str(CONFIGS / "mnist" / "ita_aligned.yaml")])
+    assert settings([]) == settings(["--config", str(CONFIGS / "glyphs" / "ita_aligned.yaml")])
 
 
 def test_a_config_takes_nothing_from_the_demo():
@@ -142,7 +142,7 @@ def run_dir(tmp_path_factory):
     }
     (cwd / "tiny.yaml").write_text(yaml.safe_dump(config))
     command("fit", "--config", "tiny.yaml", cwd=cwd)
-    return cwd, cwd / "runs" / "mnist" / "ita" / "version_0"
+    return cwd, cwd / DEMO_DIR / "version_0"  # the trainer defaults' root: the config sets none
 
 
 def test_a_run_directory_holds_the_run(run_dir):

@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from lightning_taylor.cli import main
-from lightning_taylor.cli.fit import cli, with_run_config
+from lightning_taylor.cli.fit import DEMO_DIR, cli, with_run_config
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = Path(__file__).resolve().parent
@@ -52,7 +52,7 @@ def partial_files(root: Path) -> list[Path]:
 
 
 def run_dir(root: Path) -> Path:
-    runs = sorted(root.glob("runs/mnist/ita/version_*"))
+    runs = sorted(root.glob(f"{DEMO_DIR}/version_*"))
     assert len(runs) == 1, sorted(str(p) for p in root.rglob("*"))
     return runs[0]
 

@@ -2,7 +2,7 @@
 
 ::
 
-    lightning-taylor edit runs/mnist/ita/version_0 --drop 1 --mask-removed --export ita_without_1.safetensors
+    lightning-taylor edit runs/glyphs/ita/version_0 --drop 1 --mask-removed --export ita_without_1.safetensors
     lightning-taylor edit RUN --keep 0 2                    # specialise to tasks 0 and 2 (uniform over them)
     lightning-taylor edit RUN --factor 0=0.5 3=2            # per-task factors m_s
     lightning-taylor edit RUN --layer-factor 'blocks.0.*:1=0'   # m_1 = 0 in the layers matching blocks.0.*

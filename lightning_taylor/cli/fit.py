@@ -49,8 +49,8 @@ from lightning_taylor.model.module import IncrementalViT
 from lightning_taylor.runs.load import artifacts_problem, find_checkpoint, run_directory
 
 #: The offline demo: the trainer's defaults, and the settings that ``fit`` without ``--config`` runs
-#: (``configs/mnist/ita_aligned.yaml`` spells out the same run).
-DEMO_DIR = "runs/mnist/ita"
+#: (``configs/glyphs/ita_aligned.yaml`` spells out the same run).
+DEMO_DIR = "runs/glyphs/ita"
 DEMO_TRAINER: dict[str, Any] = {
     "num_sanity_val_steps": 0,
     "reload_dataloaders_every_n_epochs": 1,
@@ -65,8 +65,8 @@ DEMO_TRAINER: dict[str, Any] = {
 #: The demo's callbacks.
 DEMO_CALLBACKS: list[dict[str, Any]] = [
     {"class_path": "lightning_taylor.callbacks.ITA",
-     "init_args": {"alpha": 10.0, "lambda_fisher": 0.025, "lambda_l2": 0.001, "rank": 4,
-                   "head_alignment": "drift_compensated"}},
+     "init_args": {"alpha": 5000.0, "penalty_mode": "coupled", "lambda_fisher": 0.025, "lambda_l2": 0.001,
+                   "rank": 4, "head_alignment": "drift_compensated", "fisher_estimator": "mc"}},
     {"class_path": "lightning_taylor.callbacks.ContinualEvaluation"},
     {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
      "init_args": {"save_last": "link", "save_on_train_epoch_end": True}},
@@ -74,9 +74,10 @@ DEMO_CALLBACKS: list[dict[str, Any]] = [
 
 #: What ``fit`` without ``--config`` runs, given to the parser as a config (not as defaults: jsonargparse would
 #: merge a config's callbacks item by item into default ones, so the demo's settings would leak into every
-#: config). The learning rate: 3e-4, the module's default, underfits this stream (docs/learning_quality.md).
-DEMO_CONFIG: dict[str, Any] = {"trainer": {"callbacks": DEMO_CALLBACKS}, "model": {"lr": 2e-3},
-                               "data": {"dataset": "mnist", "num_tasks": 5}}
+#: config). The glyph stream and backbone, the strengths and 3 epochs per task: docs/learning_quality_glyphs.md.
+DEMO_CONFIG: dict[str, Any] = {"trainer": {"callbacks": DEMO_CALLBACKS},
+                               "model": {"pretrained": "embedded:glyphs", "lr": 2e-3},
+                               "data": {"dataset": "glyphs", "num_tasks": 10, "epochs_per_task": 3}}
 
 SUBCOMMANDS = {
     "fit": "train a whole task stream (no config: the offline ITA demo); --ckpt_path resumes it",
